@@ -1,0 +1,10 @@
+"""vit_flax: the Keras "Image classification with Vision Transformer" example in JAX/Flax."""
+
+from vit_flax.config import ConfigError, ViTConfig
+from vit_flax.data import DataError
+from vit_flax.inference import load, predict
+from vit_flax.model import ViT
+from vit_flax.trainer import run, train
+
+__all__ = ["ConfigError", "DataError", "ViT", "ViTConfig", "load", "predict", "run", "train"]
+__version__ = "0.1.0"

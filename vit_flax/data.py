@@ -1,0 +1,316 @@
+"""Data sources (CIFAR through TFDS or the official archive, image folders, numpy arrays),
+Keras' validation split, and the seeded epoch order. No TensorFlow needed.
+
+Everything here is host-side numpy; the training loop moves the arrays to the device once.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import io
+import math
+import os
+import pickle
+import tarfile
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+CIFAR = {
+    # name: (archive, folder inside it, train members, test member, label key, classes)
+    "cifar100": ("cifar-100-python.tar.gz", "cifar-100-python", ("train",), "test",
+                 b"fine_labels", 100),
+    "cifar10": ("cifar-10-python.tar.gz", "cifar-10-batches-py",
+                tuple(f"data_batch_{i}" for i in range(1, 6)), "test_batch", b"labels", 10),
+}
+CIFAR_URL = "https://www.cs.toronto.edu/~kriz/"
+# Where keras.datasets caches the same archives: a Keras user already has them there.
+KERAS_CACHE = Path("~/.keras/datasets").expanduser()
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+# Folder images are read class by class; one fixed shuffle (as image_dataset_from_directory's
+# shuffle=True) keeps the last-10% validation split from being the last classes only.
+FOLDER_SHUFFLE_SEED = 1337
+
+
+class DataError(ValueError):
+    """Data that is missing or malformed; the message says what was expected and how to fix it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """Images (N, H, W, C) uint8 and integer labels (N,)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __post_init__(self):
+        if self.images.ndim != 4 or self.images.dtype != np.uint8:
+            raise DataError(f"images must be uint8 of shape (N, H, W, C), got "
+                            f"{self.images.dtype} {self.images.shape}")
+        labels = np.asarray(self.labels).reshape(-1).astype(np.int32)
+        if len(labels) != len(self.images):
+            raise DataError(f"{len(self.images)} images but {len(labels)} labels")
+        object.__setattr__(self, "labels", labels)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def take(self, count: int | None) -> Dataset:
+        """The first `count` examples (all of them when count is None)."""
+        if count is None:
+            return self
+        return Dataset(self.images[:count], self.labels[:count])
+
+
+@dataclasses.dataclass(frozen=True)
+class Splits:
+    train: Dataset  # What adapt() sees and what fit() splits into training and validation.
+    test: Dataset | None  # None when the source has no test split (an image folder without test/).
+    class_names: tuple[str, ...]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def validation_split(data: Dataset, fraction: float) -> tuple[Dataset, Dataset]:
+    """keras fit(validation_split=f): the *last* fraction of the arrays, before any shuffle."""
+    split_at = int(math.floor(len(data) * (1.0 - fraction)))
+    if fraction > 0 and (split_at == 0 or split_at == len(data)):
+        raise DataError(f"validation_split={fraction} of {len(data)} examples leaves an empty "
+                        f"training or validation set; use more examples or another split")
+    return (Dataset(data.images[:split_at], data.labels[:split_at]),
+            Dataset(data.images[split_at:], data.labels[split_at:]))
+
+
+def channel_statistics(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Normalization.adapt: per-channel mean and population variance, returned as float32.
+
+    Keras takes np.mean / np.var in float64. Integer images are summed exactly in int64 here
+    (chunked, so 50,000 images do not need a float64 copy), which agrees with that to float32
+    rounding.
+    """
+    channels = images.shape[-1]
+    flat = images.reshape(-1, channels)
+    if not np.issubdtype(flat.dtype, np.integer):
+        return (flat.mean(0, dtype=np.float64).astype(np.float32),
+                flat.var(0, dtype=np.float64).astype(np.float32))
+    total = np.zeros(channels, np.int64)
+    total_sq = np.zeros(channels, np.int64)
+    for start in range(0, len(flat), 1 << 20):
+        chunk = flat[start:start + (1 << 20)].astype(np.int64)
+        total += chunk.sum(0)
+        total_sq += (chunk * chunk).sum(0)
+    count = len(flat)
+    mean = total / count
+    variance = total_sq / count - mean * mean
+    return mean.astype(np.float32), variance.astype(np.float32)
+
+
+def epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
+    """The training order of one epoch: a permutation that depends only on (seed, epoch)."""
+    return np.random.default_rng([seed, epoch]).permutation(num_examples).astype(np.int32)
+
+
+def batch_indices(order: np.ndarray, batch_size: int) -> np.ndarray:
+    """(steps, batch_size) rows of `order`; the last partial batch is padded with -1.
+
+    Keras keeps the last partial batch; padding keeps one compiled step shape, and the step
+    masks the -1 entries out of the loss and the metrics.
+    """
+    steps = max(1, -(-len(order) // batch_size))
+    padded = np.full(steps * batch_size, -1, np.int32)
+    padded[:len(order)] = order
+    return padded.reshape(steps, batch_size)
+
+
+# --- numpy arrays ---------------------------------------------------------------------------
+
+def from_arrays(x_train, y_train, x_test=None, y_test=None,
+                class_names: tuple[str, ...] | None = None) -> Splits:
+    """Splits from numpy arrays, as `keras.datasets.*.load_data()` returns them."""
+    train = Dataset(np.asarray(x_train), np.asarray(y_train))
+    test = None if x_test is None else Dataset(np.asarray(x_test), np.asarray(y_test))
+    if class_names is None:
+        top = max(int(train.labels.max()), -1 if test is None else int(test.labels.max()))
+        class_names = tuple(str(i) for i in range(top + 1))
+    for name, part in (("train", train), ("test", test)):
+        if part is not None and len(part) and (part.labels.min() < 0
+                                               or part.labels.max() >= len(class_names)):
+            raise DataError(f"{name} labels must be in [0, {len(class_names)}), got "
+                            f"[{part.labels.min()}, {part.labels.max()}]")
+    return Splits(train, test, tuple(class_names))
+
+
+# --- CIFAR -----------------------------------------------------------------------------------
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Admits only what the CIFAR python archive holds (numpy arrays, lists, dicts, bytes):
+    the archive is a pickle, and a plain pickle.load of a crafted one would run its code."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+    }
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR archive")
+        return super().find_class(module, name)
+
+
+def _read_cifar_member(tar: tarfile.TarFile, member: str, label_key: bytes):
+    try:
+        handle = tar.extractfile(member)
+        batch = _CifarUnpickler(io.BytesIO(handle.read()), encoding="bytes").load()
+        data = np.asarray(batch[b"data"], np.uint8)
+        labels = np.asarray(batch[label_key], np.int32)
+    except (KeyError, EOFError, pickle.UnpicklingError, ValueError, tarfile.TarError,
+            AttributeError, OSError) as error:
+        raise DataError(f"{tar.name}: member {member!r} is not a CIFAR batch ({error})") from None
+    # Rows are channel-major (R plane, G plane, B plane), as keras.datasets reshapes them.
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
+
+
+def read_cifar_archive(path: Path, name: str) -> Splits:
+    """CIFAR-10/100 from the official python archive (what keras.datasets downloads)."""
+    _, folder, train_members, test_member, label_key, num_classes = CIFAR[name]
+    try:
+        with tarfile.open(path, "r:gz") as tar:
+            parts = [_read_cifar_member(tar, f"{folder}/{m}", label_key) for m in train_members]
+            x_test, y_test = _read_cifar_member(tar, f"{folder}/{test_member}", label_key)
+    except (tarfile.TarError, OSError, EOFError) as error:
+        raise DataError(f"{path} is not a readable {name} archive ({error}); delete it and "
+                        f"download it again") from None
+    x_train = np.concatenate([x for x, _ in parts])
+    y_train = np.concatenate([y for _, y in parts])
+    return from_arrays(x_train, y_train, x_test, y_test,
+                       tuple(str(i) for i in range(num_classes)))
+
+
+def _read_tfds(name: str, data_dir: Path | None) -> Splits | None:
+    """CIFAR from a prepared TFDS copy (ArrayRecord), or None when there is none."""
+    import tensorflow_datasets as tfds  # Imported here: it is slow to import and optional.
+
+    try:
+        sources = {split: tfds.data_source(name, split=split, download=False,
+                                           data_dir=None if data_dir is None else str(data_dir))
+                   for split in ("train", "test")}
+    except Exception:  # noqa: BLE001 - TFDS raises many kinds for "not prepared here".
+        return None
+
+    def to_arrays(source):
+        records = [source[i] for i in range(len(source))]
+        return (np.stack([r["image"] for r in records]).astype(np.uint8),
+                np.array([r["label"] for r in records], np.int32))
+
+    label = sources["train"].dataset_info.features["label"]
+    return from_arrays(*to_arrays(sources["train"]), *to_arrays(sources["test"]),
+                       tuple(label.names))
+
+
+def download_cifar(name: str, directory: Path) -> Path:
+    archive = CIFAR[name][0]
+    target = directory / archive
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        partial = target.with_suffix(".part")
+        urllib.request.urlretrieve(CIFAR_URL + archive, partial)
+        partial.rename(target)
+    except OSError as error:
+        raise DataError(
+            f"{name} is not on this machine and could not be downloaded ({error}). Download "
+            f"{CIFAR_URL}{archive} and put it in {directory} (or pass --data-dir DIR holding "
+            f"it, or a prepared TFDS copy of {name})") from None
+    return target
+
+
+def load_cifar(name: str, data_dir: str | os.PathLike | None = None,
+               download: bool = True) -> Splits:
+    """CIFAR-10/100 from, in order: a prepared TFDS copy, the python archive in `data_dir`
+    (or in Keras' cache ~/.keras/datasets when no data_dir is given), a download."""
+    if name not in CIFAR:
+        raise DataError(f"unknown CIFAR dataset {name!r}; expected one of {sorted(CIFAR)}")
+    directory = Path(data_dir).expanduser() if data_dir is not None else None
+    if directory is not None and not directory.is_dir():
+        raise DataError(f"--data-dir {directory} is not a directory")
+    tfds_splits = _read_tfds(name, directory)
+    if tfds_splits is not None:
+        return tfds_splits
+    archive = (directory or KERAS_CACHE) / CIFAR[name][0]
+    if not archive.is_file():
+        if not download:
+            raise DataError(f"{name} not found: expected {archive} or a prepared TFDS copy "
+                            f"in {directory or '~/tensorflow_datasets'}")
+        archive = download_cifar(name, directory or KERAS_CACHE)
+    return read_cifar_archive(archive, name)
+
+
+# --- image folders ---------------------------------------------------------------------------
+
+def _read_image(path: Path, size: int) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            if image.size != (size, size):
+                image = image.resize((size, size), Image.Resampling.BILINEAR)
+            return np.asarray(image, np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError) as error:
+        raise DataError(f"cannot read image {path}: {error}") from None
+
+
+def _read_class_folders(root: Path, class_names: tuple[str, ...], size: int) -> Dataset:
+    files, labels = [], []
+    for label, name in enumerate(class_names):
+        folder = root / name
+        if not folder.is_dir():
+            continue
+        found = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        files += found
+        labels += [label] * len(found)
+    if not files:
+        raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {root}/<class>/")
+    order = np.random.default_rng(FOLDER_SHUFFLE_SEED).permutation(len(files))
+    files = [files[i] for i in order]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
+        images = list(pool.map(lambda p: _read_image(p, size), files))
+    return Dataset(np.stack(images), np.array(labels, np.int32)[order])
+
+
+def load_folder(data_dir: str | os.PathLike, input_size: int = 32) -> Splits:
+    """The user's images: data_dir/train/<class>/*.{jpg,jpeg,png}, optionally data_dir/test/.
+
+    Classes are the sorted folder names of train/; images of another size are resized
+    (bilinear) to input_size x input_size, grayscale and RGBA converted to RGB. The examples
+    come in one fixed shuffled order (FOLDER_SHUFFLE_SEED), not class by class.
+    """
+    root = Path(data_dir).expanduser()
+    train_root = root / "train"
+    if not train_root.is_dir():
+        raise DataError(f"--data-dir {root} must contain train/<class>/ folders of images")
+    class_names = tuple(sorted(p.name for p in train_root.iterdir() if p.is_dir()))
+    if not class_names:
+        raise DataError(f"{train_root} has no class folders: expected {train_root}/<class>/*.jpg")
+    test = None
+    test_root = root / "test"
+    if test_root.is_dir():
+        unknown = sorted({p.name for p in test_root.iterdir() if p.is_dir()} - set(class_names))
+        if unknown:
+            raise DataError(f"{test_root} has classes that train/ lacks: {', '.join(unknown)}")
+        test = _read_class_folders(test_root, class_names, input_size)
+    return Splits(_read_class_folders(train_root, class_names, input_size), test, class_names)
+
+
+def load(dataset: str, data_dir: str | os.PathLike | None = None, input_size: int = 32) -> Splits:
+    """The data set named on the command line: "cifar100", "cifar10" or "folder"."""
+    if dataset in CIFAR:
+        return load_cifar(dataset, data_dir)
+    if dataset == "folder":
+        if data_dir is None:
+            raise DataError("--dataset folder needs --data-dir PATH (PATH/train/<class>/*.jpg)")
+        return load_folder(data_dir, input_size)
+    raise DataError(f"unknown dataset {dataset!r}; expected one of cifar100, cifar10, folder")

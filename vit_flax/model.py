@@ -1,0 +1,225 @@
+"""The seed's Vision Transformer in Flax NNX, one module per Keras layer.
+
+Attribute names mirror the Keras model (``patch_encoder.projection``,
+``attention.query``, ``attention_output``, ``mlp.dense_1`` ...) so the Keras -> Flax weight
+mapping reads as a table. The module imports nothing from data loading or training.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vit_flax import augment
+from vit_flax.config import ViTConfig
+
+# Keras' initializers: Dense and EinsumDense kernels glorot_uniform, Embedding U(-0.05, 0.05).
+glorot_uniform = nnx.initializers.xavier_uniform()
+
+
+def keras_embedding_init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, minval=-0.05, maxval=0.05)
+
+
+def gelu(x: jax.Array) -> jax.Array:
+    """keras.activations.gelu: the exact (erf) form, not the tanh approximation."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+class NormalizationStatistic(nnx.Variable):
+    """Adapted, never trained: Normalization's mean, variance and count."""
+
+
+class Normalization(nnx.Module):
+    """keras.layers.Normalization over the channel axis, adapted on the training images."""
+
+    def __init__(self, channels: int):
+        self.mean = NormalizationStatistic(jnp.zeros((channels,), jnp.float32))
+        self.variance = NormalizationStatistic(jnp.ones((channels,), jnp.float32))
+        # Keras keeps a `count` weight "for backwards compatibility"; it is the 7th statistic.
+        self.count = NormalizationStatistic(jnp.zeros((), jnp.int32))
+
+    def __call__(self, images: jax.Array) -> jax.Array:
+        return augment.normalize(images, self.mean[...], self.variance[...])
+
+
+class DataAugmentation(nnx.Module):
+    """The seed's `data_augmentation` Sequential; the random layers act only when training."""
+
+    def __init__(self, config: ViTConfig):
+        self.normalization = Normalization(config.channels)
+        self.image_size = config.image_size
+        self.rotation_factor = config.rotation_factor
+        self.zoom_factor = config.zoom_factor
+
+    def __call__(self, images, *, train: bool, rngs: nnx.Rngs | None) -> jax.Array:
+        x = augment.resize(self.normalization(images), self.image_size)
+        if train:
+            x = augment.random_augment(rngs.augment(), x, self.rotation_factor, self.zoom_factor)
+        return x
+
+
+def patches(images: jax.Array, patch_size: int) -> jax.Array:
+    """keras.ops.image.extract_patches + reshape: (B, H, W, C) -> (B, N, p*p*C).
+
+    Patches in row-major order; inside a patch the order is (row, column, channel), exactly
+    as Keras' identity-kernel convolution lays them out.
+    """
+    batch, height, width, channels = images.shape
+    rows, cols = height // patch_size, width // patch_size
+    x = images.reshape(batch, rows, patch_size, cols, patch_size, channels)
+    x = x.transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(batch, rows * cols, patch_size * patch_size * channels)
+
+
+class PatchEncoder(nnx.Module):
+    """Dense projection of each patch plus a learned position embedding.
+
+    With ``class_token=True`` (the "cls" head, as in the ViT paper) a learned token is put
+    before the projected patches and gets a position of its own.
+    """
+
+    def __init__(self, num_patches: int, patch_dim: int, projection_dim: int, *,
+                 class_token: bool = False, rngs):
+        self.projection = nnx.Linear(patch_dim, projection_dim, kernel_init=glorot_uniform,
+                                     rngs=rngs)
+        self.position_embedding = nnx.Embed(num_patches + class_token, projection_dim,
+                                            embedding_init=keras_embedding_init, rngs=rngs)
+        if class_token:
+            self.class_token = nnx.Param(jnp.zeros((1, 1, projection_dim), jnp.float32))
+
+    def __call__(self, patch_tokens: jax.Array) -> jax.Array:
+        tokens = self.projection(patch_tokens)
+        if hasattr(self, "class_token"):
+            batch, _, dim = tokens.shape
+            class_tokens = jnp.broadcast_to(self.class_token[...], (batch, 1, dim))
+            tokens = jnp.concatenate([class_tokens, tokens], axis=1)
+        # Embedding(arange(n)) is the whole table.
+        return tokens + self.position_embedding.embedding[...]
+
+
+class MultiHeadAttention(nnx.Module):
+    """keras.layers.MultiHeadAttention for self-attention, with Keras' weight layout.
+
+    query/key/value kernels are (dim, heads, key_dim), the output kernel (heads, key_dim, dim).
+    The dropout mask is drawn per (batch, head, query, key) element, as Keras does (not
+    broadcast as flax's own attention does by default).
+    """
+
+    def __init__(self, dim: int, num_heads: int, key_dim: int, dropout: float, *, rngs):
+        # LinearGeneral draws a flat (fan_in, fan_out) kernel and reshapes it: the same glorot
+        # fans Keras' EinsumDense computes from its input and output axes.
+        def projection():
+            return nnx.LinearGeneral(dim, (num_heads, key_dim), kernel_init=glorot_uniform,
+                                     rngs=rngs)
+
+        self.query, self.key, self.value = projection(), projection(), projection()
+        self.attention_output = nnx.LinearGeneral(
+            (num_heads, key_dim), dim, axis=(-2, -1), kernel_init=glorot_uniform, rngs=rngs)
+        self.dropout = nnx.Dropout(dropout)
+        self.scale = 1.0 / math.sqrt(key_dim)
+
+    def __call__(self, x: jax.Array, *, train: bool, rngs: nnx.Rngs | None) -> jax.Array:
+        query = self.query(x) * self.scale  # Keras scales the query before the dot product.
+        key, value = self.key(x), self.value(x)
+        scores = jnp.einsum("bshd,bthd->bhts", key, query)
+        probabilities = jax.nn.softmax(scores, axis=-1)
+        probabilities = self.dropout(probabilities, deterministic=not train, rngs=rngs)
+        attended = jnp.einsum("bhts,bshd->bthd", probabilities, value)
+        return self.attention_output(attended)
+
+
+class MLP(nnx.Module):
+    """The seed's `mlp()`: Dense(units, gelu) -> Dropout, for each width."""
+
+    def __init__(self, in_features: int, units: tuple[int, ...], dropout: float, *, rngs):
+        widths = (in_features, *units)
+        self.dense = nnx.List([
+            nnx.Linear(a, b, kernel_init=glorot_uniform, rngs=rngs)
+            for a, b in zip(widths[:-1], widths[1:], strict=True)
+        ])
+        self.dropout = nnx.Dropout(dropout)
+
+    def __call__(self, x: jax.Array, *, train: bool, rngs: nnx.Rngs | None) -> jax.Array:
+        for dense in self.dense:
+            x = self.dropout(gelu(dense(x)), deterministic=not train, rngs=rngs)
+        return x
+
+
+class TransformerBlock(nnx.Module):
+    """Pre-norm block: x2 = x + MHA(LN(x)); out = x2 + MLP(LN(x2))."""
+
+    def __init__(self, config: ViTConfig, *, rngs):
+        dim, eps = config.projection_dim, config.layer_norm_epsilon
+        # use_fast_variance=False: the two-pass variance Keras computes.
+        self.layer_norm_1 = nnx.LayerNorm(dim, epsilon=eps, use_fast_variance=False, rngs=rngs)
+        self.attention = MultiHeadAttention(dim, config.num_heads, dim,
+                                            config.attention_dropout, rngs=rngs)
+        self.layer_norm_2 = nnx.LayerNorm(dim, epsilon=eps, use_fast_variance=False, rngs=rngs)
+        self.mlp = MLP(dim, config.transformer_units, config.dropout, rngs=rngs)
+
+    def __call__(self, x: jax.Array, *, train: bool, rngs: nnx.Rngs | None) -> jax.Array:
+        x2 = x + self.attention(self.layer_norm_1(x), train=train, rngs=rngs)
+        return x2 + self.mlp(self.layer_norm_2(x2), train=train, rngs=rngs)
+
+
+class ClassifierHead(nnx.Module):
+    """LayerNorm -> flatten | average | class token -> Dropout -> MLP -> Dense logits."""
+
+    def __init__(self, config: ViTConfig, *, rngs):
+        dim = config.projection_dim
+        self.kind = config.head
+        features = dim * config.num_patches if config.head == "flatten" else dim
+        self.layer_norm = nnx.LayerNorm(dim, epsilon=config.layer_norm_epsilon,
+                                        use_fast_variance=False, rngs=rngs)
+        self.dropout = nnx.Dropout(config.head_dropout)
+        self.mlp = MLP(features, config.mlp_head_units, config.head_dropout, rngs=rngs)
+        self.logits = nnx.Linear(config.mlp_head_units[-1], config.num_classes,
+                                 kernel_init=glorot_uniform, rngs=rngs)
+
+    def __call__(self, tokens: jax.Array, *, train: bool, rngs: nnx.Rngs | None) -> jax.Array:
+        x = self.layer_norm(tokens)
+        if self.kind == "flatten":
+            x = x.reshape(x.shape[0], -1)
+        elif self.kind == "gap":
+            x = x.mean(axis=1)
+        else:  # "cls": the learned class token sits at position 0.
+            x = x[:, 0]
+        x = self.dropout(x, deterministic=not train, rngs=rngs)
+        return self.logits(self.mlp(x, train=train, rngs=rngs))
+
+
+class ViT(nnx.Module):
+    """The seed's `create_vit_classifier()`: raw images in, class logits out.
+
+    Call with ``train=True`` and ``rngs=nnx.Rngs(augment=..., dropout=...)`` for a training
+    forward pass (augmentation and dropout on); ``train=False`` is inference (normalize and
+    resize only), as Keras' ``model(x, training=False)`` / ``predict``.
+    """
+
+    def __init__(self, config: ViTConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        patch_dim = config.patch_size ** 2 * config.channels
+        self.data_augmentation = DataAugmentation(config)
+        self.patch_encoder = PatchEncoder(config.num_patches, patch_dim, config.projection_dim,
+                                          class_token=config.head == "cls", rngs=rngs)
+        self.blocks = nnx.List([TransformerBlock(config, rngs=rngs)
+                                for _ in range(config.transformer_layers)])
+        self.head = ClassifierHead(config, rngs=rngs)
+
+    def __call__(self, images: jax.Array, *, train: bool = False,
+                 rngs: nnx.Rngs | None = None) -> jax.Array:
+        expected = (self.config.input_size, self.config.input_size, self.config.channels)
+        if images.ndim != 4 or images.shape[1:] != expected:
+            raise ValueError(f"ViT expects images of shape (batch, "
+                             f"{', '.join(map(str, expected))}), got {images.shape}")
+        if train and rngs is None:
+            raise ValueError("train=True needs rngs=nnx.Rngs(augment=..., dropout=...)")
+        x = self.data_augmentation(images, train=train, rngs=rngs)
+        x = self.patch_encoder(patches(x, self.config.patch_size))
+        for block in self.blocks:
+            x = block(x, train=train, rngs=rngs)
+        return self.head(x, train=train, rngs=rngs)

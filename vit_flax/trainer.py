@@ -1,0 +1,248 @@
+"""The seed's `run_experiment`: fit with a validation split, keep the best weights by
+val_accuracy, evaluate them on the test split. `run` is what train.py calls."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from vit_flax import augment, plots, steps
+from vit_flax import data as data_lib
+from vit_flax.config import ConfigError, ViTConfig
+from vit_flax.inference import BEST_CHECKPOINT, CONFIG_FILE, restore_model, save_model
+from vit_flax.model import ViT, patches
+from vit_flax.optim import keras_adamw
+
+PACKAGES = ("vit_flax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")
+
+
+def run(config: ViTConfig, *, dataset: str = "cifar100", data_dir: str | None = None,
+        workdir: str = "workdir", train_examples: int | None = None,
+        test_examples: int | None = None) -> dict:
+    """Load the named data set, then `train` on it. Everything train.py does."""
+    for name, value in (("train_examples", train_examples), ("test_examples", test_examples)):
+        if value is not None and value <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    prepare_workdir(workdir)
+    splits = data_lib.load(dataset, data_dir, config.input_size)
+    splits = data_lib.Splits(splits.train.take(train_examples),
+                             splits.test and splits.test.take(test_examples), splits.class_names)
+    return train(config.replace(num_classes=splits.num_classes), splits, workdir)
+
+
+def prepare_workdir(workdir: str | os.PathLike) -> Path:
+    path = Path(workdir)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--workdir {path} is a file; give a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise ConfigError(f"--workdir {path} is not writable ({error.strerror})") from None
+    return path
+
+
+def check_data(config: ViTConfig, splits: data_lib.Splits) -> None:
+    expected = (config.input_size, config.input_size, config.channels)
+    for name, part in (("train", splits.train), ("test", splits.test)):
+        if part is None:
+            continue
+        if part.images.shape[1:] != expected:
+            raise data_lib.DataError(f"{name} images are {part.images.shape[1:]}, the config "
+                                     f"expects {expected} (input_size, channels)")
+        if len(part) and (part.labels.min() < 0 or part.labels.max() >= config.num_classes):
+            raise data_lib.DataError(
+                f"{name} labels must be in [0, {config.num_classes}), got "
+                f"[{part.labels.min()}, {part.labels.max()}]")
+    if len(splits.train) == 0:
+        raise data_lib.DataError("the training set is empty")
+
+
+def build_model(config: ViTConfig, train_images: np.ndarray) -> ViT:
+    """A freshly initialised ViT whose Normalization is adapted on `train_images`."""
+    model = ViT(config, rngs=nnx.Rngs(config.seed))
+    mean, variance = data_lib.channel_statistics(train_images)
+    normalization = model.data_augmentation.normalization
+    normalization.mean[...] = jnp.asarray(mean)
+    normalization.variance[...] = jnp.asarray(variance)
+    normalization.count[...] = jnp.asarray(len(train_images), jnp.int32)
+    return model
+
+
+def to_device(dataset: data_lib.Dataset) -> tuple[jax.Array, jax.Array]:
+    """The host -> device boundary: a whole split goes to the device once, as uint8."""
+    return jax.device_put(dataset.images), jax.device_put(dataset.labels)
+
+
+class Progress:
+    """A tqdm bar with live loss and accuracy on a terminal; plain lines elsewhere."""
+
+    def __init__(self, epoch: int, epochs: int, total_steps: int, log: Callable[[str], None]):
+        self.bar = None
+        self.log = log
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, desc=f"Epoch {epoch}/{epochs}", leave=False,
+                            dynamic_ncols=True)
+        self.last_refresh = 0.0
+
+    def update(self, done_steps: int, totals_so_far: steps.Metrics) -> None:
+        if self.bar is None or time.monotonic() - self.last_refresh < 0.5:
+            return
+        # totals of an earlier step, already computed or nearly: reading them keeps the
+        # device busy with the steps queued behind.
+        means = steps.summarize(totals_so_far)
+        self.bar.n = done_steps
+        self.bar.set_postfix(loss=f"{means['loss']:.4f}", accuracy=f"{means['accuracy']:.4f}")
+        self.last_refresh = time.monotonic()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def evaluate(eval_step, params, statistics, arrays, batch_size: int) -> dict[str, float]:
+    images, labels = arrays
+    totals = steps.zero_totals()
+    for batch_index in jnp.asarray(data_lib.batch_indices(np.arange(len(labels)), batch_size)):
+        totals = eval_step(params, statistics, totals, images, labels, batch_index)
+    return steps.summarize(totals)
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for package in PACKAGES:
+        try:
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            found[package] = "not installed"
+    return found
+
+
+def _write_json(path: Path, value) -> None:
+    partial = path.with_suffix(".tmp")
+    partial.write_text(json.dumps(value, indent=2) + "\n")
+    partial.replace(path)  # Readers never see a half-written file.
+
+
+def _line(prefix: str, metrics: dict[str, float]) -> str:
+    return " - ".join(f"{prefix}{name}: {value:.4f}" for name, value in metrics.items())
+
+
+def train(config: ViTConfig, splits: data_lib.Splits, workdir: str | os.PathLike,
+          log: Callable[[str], None] = print) -> dict:
+    """Fit, keep the best weights by val_accuracy, evaluate them on the test split.
+
+    Writes config.json, history.json (every epoch), the best checkpoint, results.json and
+    the figures into `workdir`; returns the contents of results.json.
+    """
+    check_data(config, splits)
+    workdir = prepare_workdir(workdir)
+    train_set, validation_set = data_lib.validation_split(splits.train, config.validation_split)
+    # As the seed: Normalization is adapted on all training images, the validation part too.
+    model = build_model(config, splits.train.images)
+    (workdir / CONFIG_FILE).write_text(config.to_json() + "\n")
+    _plot_patches(model, train_set.images[0], workdir / "patches.png")
+
+    graphdef, params, statistics = steps.split_model(model)
+    tx = keras_adamw(config.learning_rate, config.weight_decay)
+    state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                             opt_state=tx.init(params),
+                             rng=jax.random.fold_in(jax.random.key(config.seed), 1))
+    train_arrays = to_device(train_set)
+    validation_arrays = to_device(validation_set) if len(validation_set) else None
+
+    started = time.perf_counter()
+    train_step = steps.make_train_step(graphdef, tx).lower(
+        state, statistics, steps.zero_totals(), *train_arrays,
+        jnp.zeros((config.batch_size,), jnp.int32)).compile()
+    compile_seconds = time.perf_counter() - started
+    log(f"Training on {len(train_set)} images, validating on {len(validation_set)}, "
+        f"{jax.devices()[0].platform.upper()}; train step compiled in {compile_seconds:.1f}s")
+    eval_step = steps.make_eval_step(graphdef)
+
+    history, best_accuracy, best_epoch = [], -np.inf, 0
+    for epoch in range(1, config.epochs + 1):
+        epoch_started = time.perf_counter()
+        rows = jnp.asarray(data_lib.batch_indices(
+            data_lib.epoch_order(len(train_set), config.seed, epoch), config.batch_size))
+        progress = Progress(epoch, config.epochs, len(rows), log)
+        totals = steps.zero_totals()
+        for i, batch_index in enumerate(rows):
+            previous = totals
+            state, totals = train_step(state, statistics, totals, *train_arrays, batch_index)
+            progress.update(i, previous)
+        train_metrics = steps.summarize(totals)  # Waits for the last step.
+        train_seconds = time.perf_counter() - epoch_started
+        progress.close()
+
+        row = {"epoch": epoch, **train_metrics}
+        if validation_arrays is not None:
+            validation = evaluate(eval_step, state.params, statistics, validation_arrays,
+                                  config.batch_size)
+            row.update({f"val_{name}": value for name, value in validation.items()})
+        row["epoch_seconds"] = time.perf_counter() - epoch_started
+        row["images_per_second"] = len(train_set) / train_seconds
+        history.append(row)
+        _write_json(workdir / "history.json", history)
+        log(f"Epoch {epoch}/{config.epochs} - {row['epoch_seconds']:.1f}s - "
+            f"{_line('', train_metrics)}"
+            + (f" - {_line('val_', validation)}" if validation_arrays is not None else ""))
+
+        # ModelCheckpoint(save_best_only=True): only a strict improvement saves. Without a
+        # validation set every epoch saves, so the last one is kept.
+        score = row.get("val_accuracy", np.inf)
+        if score > best_accuracy or validation_arrays is None:
+            best_accuracy, best_epoch = score, epoch
+            save_model(workdir / BEST_CHECKPOINT, nnx.merge(graphdef, state.params, statistics))
+
+    results = _finish(config, splits, workdir, history, best_epoch, log)
+    results.update(compile_seconds=compile_seconds, train_examples=len(train_set),
+                   validation_examples=len(validation_set))
+    _write_json(workdir / "results.json", results)
+    return results
+
+
+def _finish(config, splits, workdir: Path, history, best_epoch: int, log) -> dict:
+    """Restore the best weights (as the seed's model.load_weights), evaluate, plot."""
+    results = {"test_loss": None, "test_accuracy": None, "test_top-5-accuracy": None}
+    if history:
+        for item in ("loss", "top-5-accuracy"):
+            if f"val_{item}" in history[0]:
+                plots.plot_history(history, item, workdir / f"{item}.png")
+    if best_epoch and splits.test is not None and len(splits.test):
+        model = restore_model(workdir / BEST_CHECKPOINT, config)
+        graphdef, params, statistics = steps.split_model(model)
+        test = evaluate(steps.make_eval_step(graphdef), params, statistics,
+                        to_device(splits.test), config.batch_size)
+        results.update({f"test_{name}": value for name, value in test.items()})
+        log(f"Test accuracy: {round(test['accuracy'] * 100, 2)}%")
+        log(f"Test top 5 accuracy: {round(test['top-5-accuracy'] * 100, 2)}%")
+    elif splits.test is None:
+        log("No test split (an image folder without test/): test metrics are not computed.")
+    results.update(best_epoch=best_epoch, test_examples=0 if splits.test is None
+                   else len(splits.test), config=json.loads(config.to_json()),
+                   devices=1, versions=versions())
+    return results
+
+
+def _plot_patches(model: ViT, image: np.ndarray, path: Path) -> None:
+    """patches.png: one training image resized to image_size, and its patches."""
+    config = model.config
+    resized = augment.resize(jnp.asarray(image, jnp.float32)[None], config.image_size)
+    plots.plot_patches(np.asarray(resized[0]), np.asarray(patches(resized, config.patch_size)[0]),
+                       config.patch_size, path)
