@@ -1,0 +1,50 @@
+"""Shared fixtures: a model config small enough to compile in seconds, and generated data
+in the real on-disk formats. No test reaches the network."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vit_flax import ViTConfig
+
+# 8x8 inputs resized to 12x12, 3x3 = 9 patches of 4x4, one block of width 8.
+TINY = dict(num_classes=3, input_size=8, image_size=12, patch_size=4, projection_dim=8,
+            num_heads=2, transformer_layers=1, mlp_head_units=(16, 8), batch_size=8)
+# The same as train.py flags.
+TINY_FLAGS = ["--input-size", "8", "--image-size", "12", "--patch-size", "4",
+              "--projection-dim", "8", "--num-heads", "2", "--transformer-layers", "1",
+              "--mlp-head-units", "16,8", "--batch-size", "8"]
+
+
+@pytest.fixture
+def tiny_config() -> ViTConfig:
+    return ViTConfig(**TINY)
+
+
+def random_images(count: int, size: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (count, size, size, 3), dtype=np.uint8)
+
+
+def write_image_folder(root: Path, classes=("cat", "dog", "frog"), train_per_class: int = 10,
+                       test_per_class: int = 0, size: int = 8, suffix: str = ".png",
+                       seed: int = 0) -> Path:
+    """root/train/<class>/NNNN<suffix> (and root/test/...) with class-dependent brightness."""
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", train_per_class), ("test", test_per_class)):
+        for label, name in enumerate(classes):
+            folder = root / split / name
+            for i in range(count):
+                folder.mkdir(parents=True, exist_ok=True)
+                base = 40 + 80 * label
+                pixels = np.clip(base + rng.integers(-30, 30, (size, size, 3)), 0, 255)
+                Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i:04d}{suffix}")
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    return write_image_folder(tmp_path / "images", train_per_class=12, test_per_class=4)

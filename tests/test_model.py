@@ -1,0 +1,129 @@
+"""The model's structure: exact parameter counts, Keras' weight layout, shapes, modes."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import random_images
+from flax import nnx
+
+import vit_flax
+from vit_flax.model import NormalizationStatistic, ViT, patches
+
+
+def count(model, kind) -> int:
+    return sum(leaf.size for leaf in jax.tree.leaves(nnx.state(model, kind)))
+
+
+@pytest.mark.parametrize("head, trainable", [
+    # Keras' count_params() of the seed model: 21,759,012 trainable.
+    ("flatten", 21_759_012),
+    # GlobalAveragePooling1D: the first head Dense sees 64 features, not 144 * 64.
+    ("gap", 21_759_012 - 9216 * 2048 + 64 * 2048),
+    # gap + a class token (64) + one more position (64).
+    ("cls", 21_759_012 - 9216 * 2048 + 64 * 2048 + 128),
+])
+def test_parameter_count_of_each_head(head, trainable):
+    model = nnx.eval_shape(lambda: ViT(vit_flax.ViTConfig(head=head), rngs=nnx.Rngs(0)))
+    assert count(model, nnx.Param) == trainable
+    # Normalization's mean (3), variance (3) and count (1): Keras' 21,759,019 - 21,759,012.
+    assert count(model, NormalizationStatistic) == 7
+
+
+def test_weights_have_the_keras_layout():
+    model = nnx.eval_shape(lambda: ViT(vit_flax.ViTConfig(), rngs=nnx.Rngs(0)))
+    shape = lambda variable: tuple(variable.shape)  # noqa: E731
+    assert len(model.blocks) == 8
+    block = model.blocks[0]
+    assert shape(model.patch_encoder.projection.kernel) == (108, 64)
+    assert shape(model.patch_encoder.position_embedding.embedding) == (144, 64)
+    for projection in (block.attention.query, block.attention.key, block.attention.value):
+        assert shape(projection.kernel) == (64, 4, 64)  # EinsumDense "abc,cde->abde"
+        assert shape(projection.bias) == (4, 64)
+    assert shape(block.attention.attention_output.kernel) == (4, 64, 64)
+    assert shape(block.attention.attention_output.bias) == (64,)
+    assert [shape(d.kernel) for d in block.mlp.dense] == [(64, 128), (128, 64)]
+    assert [shape(d.kernel) for d in model.head.mlp.dense] == [(9216, 2048), (2048, 1024)]
+    assert shape(model.head.logits.kernel) == (1024, 100)
+
+
+def test_initialisers_follow_keras():
+    model = ViT(vit_flax.ViTConfig(), rngs=nnx.Rngs(0))
+    table = np.asarray(model.patch_encoder.position_embedding.embedding[...])
+    assert table.min() >= -0.05 and table.max() <= 0.05  # Embedding: U(-0.05, 0.05)
+    kernel = np.asarray(model.blocks[0].attention.query.kernel[...])
+    # glorot_uniform with fan_in 64, fan_out 4 * 64: limit sqrt(6 / 320).
+    limit = np.sqrt(6 / 320)
+    assert kernel.min() >= -limit and kernel.max() <= limit
+    assert abs(kernel.std() - limit / np.sqrt(3)) < 0.02 * limit  # 16,384 draws: ~0.6% noise
+    assert not np.any(model.blocks[0].attention.query.bias[...])
+
+
+def test_patches_order_matches_extract_patches():
+    images = jnp.arange(2 * 12 * 12 * 3, dtype=jnp.float32).reshape(2, 12, 12, 3)
+    result = np.asarray(patches(images, 4))
+    assert result.shape == (2, 9, 48)
+    expected = np.stack([
+        np.asarray(images[b, 4 * r:4 * r + 4, 4 * c:4 * c + 4, :]).reshape(-1)
+        for b in range(2) for r in range(3) for c in range(3)]).reshape(2, 9, 48)
+    np.testing.assert_array_equal(result, expected)  # A reshape: exact.
+
+
+@pytest.mark.parametrize("head", ["flatten", "gap", "cls"])
+def test_logits_shape_and_modes(tiny_config, head):
+    model = ViT(tiny_config.replace(head=head), rngs=nnx.Rngs(0))
+    images = jnp.asarray(random_images(4, 8))
+    logits = model(images)
+    assert logits.shape == (4, 3)
+    np.testing.assert_array_equal(logits, model(images))  # Inference is deterministic.
+    # uint8 and the same values as float32 give the same logits (Normalization casts).
+    np.testing.assert_array_equal(logits, model(images.astype(jnp.float32)))
+    train_a = model(images, train=True, rngs=nnx.Rngs(augment=1, dropout=2))
+    train_b = model(images, train=True, rngs=nnx.Rngs(augment=1, dropout=2))
+    train_c = model(images, train=True, rngs=nnx.Rngs(augment=3, dropout=4))
+    np.testing.assert_array_equal(train_a, train_b)  # The keys decide all randomness.
+    assert not np.allclose(train_a, train_c)
+    assert not np.allclose(train_a, logits)
+
+
+def test_model_rejects_wrong_inputs(tiny_config):
+    model = ViT(tiny_config, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"\(batch, 8, 8, 3\), got \(4, 9, 8, 3\)"):
+        model(jnp.zeros((4, 9, 8, 3)))
+    with pytest.raises(ValueError, match="needs rngs"):
+        model(jnp.zeros((4, 8, 8, 3)), train=True)
+
+
+def test_predict_batches_and_checks_inputs(tiny_config):
+    model = ViT(tiny_config, rngs=nnx.Rngs(0))
+    images = random_images(11, 8)
+    expected = np.asarray(model(jnp.asarray(images)))
+    # Batches of 4 (the last padded) give the one-call logits; XLA may fuse the two
+    # programs differently, hence float32 round-off tolerance.
+    np.testing.assert_allclose(vit_flax.predict(model, images, batch_size=4), expected,
+                               atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"\(N, 8, 8, 3\), got \(11, 8, 8\)"):
+        vit_flax.predict(model, images[..., 0])
+    with pytest.raises(ValueError, match="uint8 or float images, got int64"):
+        vit_flax.predict(model, images.astype(np.int64))
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(image_size=70), "divisible by patch_size"),
+    (dict(batch_size=0), "batch_size must be a positive integer"),
+    (dict(head="pool"), "head must be one of"),
+    (dict(epochs=-1), "epochs must be >= 0"),
+    (dict(mlp_head_units=()), "mlp_head_units"),
+    (dict(dropout=1.0), r"dropout must be in \[0, 1\)"),
+])
+def test_config_rejects_bad_values(changes, message):
+    with pytest.raises(vit_flax.ConfigError, match=message):
+        vit_flax.ViTConfig(**changes)
+
+
+def test_config_round_trips_through_json():
+    config = vit_flax.ViTConfig(head="gap", mlp_head_units=(32, 16))
+    assert vit_flax.ViTConfig.from_json(config.to_json()) == config
+    assert config.num_patches == 144 and config.transformer_units == (128, 64)
