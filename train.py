@@ -45,6 +45,8 @@ def parse_args(argv, defaults):
     add("--mlp-head-units", type=int_list, default=defaults.mlp_head_units,
         help="comma list, e.g. 2048,1024")
     add("--head", default=defaults.head, help="flatten (the seed), gap or cls")
+    add("--dtype", default=defaults.dtype,
+        help="float32 (default) or bfloat16: bf16 matmuls, float32 weights and optimizer")
     add("--dataset", default="cifar100", help="cifar100, cifar10 or folder")
     add("--data-dir", default=None,
         help="where the data is: a CIFAR archive or prepared TFDS copy, or PATH/train/<class>/")
@@ -68,7 +70,8 @@ def main(argv=None) -> int:
             image_size=args.image_size, patch_size=args.patch_size,
             projection_dim=args.projection_dim, num_heads=args.num_heads,
             transformer_layers=args.transformer_layers, mlp_head_units=args.mlp_head_units,
-            head=args.head, seed=args.seed, validation_split=args.validation_split)
+            head=args.head, dtype=args.dtype, seed=args.seed,
+            validation_split=args.validation_split)
         vit_flax.run(config, dataset=args.dataset, data_dir=args.data_dir, workdir=args.workdir,
                      train_examples=args.train_examples, test_examples=args.test_examples)
     except (vit_flax.ConfigError, DataError) as error:

@@ -11,6 +11,7 @@ import json
 from typing import Literal
 
 HEADS = ("flatten", "gap", "cls")
+DTYPES = ("float32", "bfloat16")
 
 
 class ConfigError(ValueError):
@@ -38,6 +39,9 @@ class ViTConfig:
     dropout: float = 0.1  # Dropout after each Dense of the block MLPs.
     head_dropout: float = 0.5  # Dropout before and inside the classifier MLP.
     layer_norm_epsilon: float = 1e-6  # The seed passes 1e-6 (Keras' default is 1e-3).
+    # Matmul dtype: "bfloat16" = mixed precision (weights, optimizer state, LayerNorm,
+    # softmax and loss stay float32). float32 is the seed's and what parity checks.
+    dtype: Literal["float32", "bfloat16"] = "float32"
     # --- training (Keras' AdamW + fit) ---
     learning_rate: float = 1e-3
     weight_decay: float = 1e-4
@@ -65,6 +69,8 @@ class ViTConfig:
         if not self.mlp_head_units or any(u <= 0 for u in self.mlp_head_units):
             raise ConfigError(
                 f"mlp_head_units must be positive integers, got {self.mlp_head_units}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.head not in HEADS:
             raise ConfigError(f"head must be one of {HEADS}, got {self.head!r}")
         for name in ("attention_dropout", "dropout", "head_dropout", "validation_split"):

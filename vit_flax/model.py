@@ -24,6 +24,11 @@ def keras_embedding_init(key, shape, dtype=jnp.float32):
     return jax.random.uniform(key, shape, dtype, minval=-0.05, maxval=0.05)
 
 
+def compute_dtype(config: ViTConfig):
+    """The dtype of the matmuls; None keeps float32 inputs and weights as they are."""
+    return None if config.dtype == "float32" else jnp.dtype(config.dtype)
+
+
 def gelu(x: jax.Array) -> jax.Array:
     """keras.activations.gelu: the exact (erf) form, not the tanh approximation."""
     return jax.nn.gelu(x, approximate=False)
@@ -83,9 +88,9 @@ class PatchEncoder(nnx.Module):
     """
 
     def __init__(self, num_patches: int, patch_dim: int, projection_dim: int, *,
-                 class_token: bool = False, rngs):
+                 class_token: bool = False, dtype=None, rngs):
         self.projection = nnx.Linear(patch_dim, projection_dim, kernel_init=glorot_uniform,
-                                     rngs=rngs)
+                                     dtype=dtype, rngs=rngs)
         self.position_embedding = nnx.Embed(num_patches + class_token, projection_dim,
                                             embedding_init=keras_embedding_init, rngs=rngs)
         if class_token:
@@ -109,16 +114,18 @@ class MultiHeadAttention(nnx.Module):
     broadcast as flax's own attention does by default).
     """
 
-    def __init__(self, dim: int, num_heads: int, key_dim: int, dropout: float, *, rngs):
+    def __init__(self, dim: int, num_heads: int, key_dim: int, dropout: float, *, dtype=None,
+                 rngs):
         # LinearGeneral draws a flat (fan_in, fan_out) kernel and reshapes it: the same glorot
         # fans Keras' EinsumDense computes from its input and output axes.
         def projection():
             return nnx.LinearGeneral(dim, (num_heads, key_dim), kernel_init=glorot_uniform,
-                                     rngs=rngs)
+                                     dtype=dtype, rngs=rngs)
 
         self.query, self.key, self.value = projection(), projection(), projection()
         self.attention_output = nnx.LinearGeneral(
-            (num_heads, key_dim), dim, axis=(-2, -1), kernel_init=glorot_uniform, rngs=rngs)
+            (num_heads, key_dim), dim, axis=(-2, -1), kernel_init=glorot_uniform, dtype=dtype,
+            rngs=rngs)
         self.dropout = nnx.Dropout(dropout)
         self.scale = 1.0 / math.sqrt(key_dim)
 
@@ -126,19 +133,20 @@ class MultiHeadAttention(nnx.Module):
         query = self.query(x) * self.scale  # Keras scales the query before the dot product.
         key, value = self.key(x), self.value(x)
         scores = jnp.einsum("bshd,bthd->bhts", key, query)
-        probabilities = jax.nn.softmax(scores, axis=-1)
+        probabilities = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
         probabilities = self.dropout(probabilities, deterministic=not train, rngs=rngs)
-        attended = jnp.einsum("bhts,bshd->bthd", probabilities, value)
+        attended = jnp.einsum("bhts,bshd->bthd", probabilities.astype(value.dtype), value)
         return self.attention_output(attended)
 
 
 class MLP(nnx.Module):
     """The seed's `mlp()`: Dense(units, gelu) -> Dropout, for each width."""
 
-    def __init__(self, in_features: int, units: tuple[int, ...], dropout: float, *, rngs):
+    def __init__(self, in_features: int, units: tuple[int, ...], dropout: float, *, dtype=None,
+                 rngs):
         widths = (in_features, *units)
         self.dense = nnx.List([
-            nnx.Linear(a, b, kernel_init=glorot_uniform, rngs=rngs)
+            nnx.Linear(a, b, kernel_init=glorot_uniform, dtype=dtype, rngs=rngs)
             for a, b in zip(widths[:-1], widths[1:], strict=True)
         ])
         self.dropout = nnx.Dropout(dropout)
@@ -157,9 +165,11 @@ class TransformerBlock(nnx.Module):
         # use_fast_variance=False: the two-pass variance Keras computes.
         self.layer_norm_1 = nnx.LayerNorm(dim, epsilon=eps, use_fast_variance=False, rngs=rngs)
         self.attention = MultiHeadAttention(dim, config.num_heads, dim,
-                                            config.attention_dropout, rngs=rngs)
+                                            config.attention_dropout,
+                                            dtype=compute_dtype(config), rngs=rngs)
         self.layer_norm_2 = nnx.LayerNorm(dim, epsilon=eps, use_fast_variance=False, rngs=rngs)
-        self.mlp = MLP(dim, config.transformer_units, config.dropout, rngs=rngs)
+        self.mlp = MLP(dim, config.transformer_units, config.dropout,
+                       dtype=compute_dtype(config), rngs=rngs)
 
     def __call__(self, x: jax.Array, *, train: bool, rngs: nnx.Rngs | None) -> jax.Array:
         x2 = x + self.attention(self.layer_norm_1(x), train=train, rngs=rngs)
@@ -176,9 +186,11 @@ class ClassifierHead(nnx.Module):
         self.layer_norm = nnx.LayerNorm(dim, epsilon=config.layer_norm_epsilon,
                                         use_fast_variance=False, rngs=rngs)
         self.dropout = nnx.Dropout(config.head_dropout)
-        self.mlp = MLP(features, config.mlp_head_units, config.head_dropout, rngs=rngs)
+        self.mlp = MLP(features, config.mlp_head_units, config.head_dropout,
+                       dtype=compute_dtype(config), rngs=rngs)
         self.logits = nnx.Linear(config.mlp_head_units[-1], config.num_classes,
-                                 kernel_init=glorot_uniform, rngs=rngs)
+                                 kernel_init=glorot_uniform, dtype=compute_dtype(config),
+                                 rngs=rngs)
 
     def __call__(self, tokens: jax.Array, *, train: bool, rngs: nnx.Rngs | None) -> jax.Array:
         x = self.layer_norm(tokens)
@@ -205,7 +217,8 @@ class ViT(nnx.Module):
         patch_dim = config.patch_size ** 2 * config.channels
         self.data_augmentation = DataAugmentation(config)
         self.patch_encoder = PatchEncoder(config.num_patches, patch_dim, config.projection_dim,
-                                          class_token=config.head == "cls", rngs=rngs)
+                                          class_token=config.head == "cls",
+                                          dtype=compute_dtype(config), rngs=rngs)
         self.blocks = nnx.List([TransformerBlock(config, rngs=rngs)
                                 for _ in range(config.transformer_layers)])
         self.head = ClassifierHead(config, rngs=rngs)

@@ -13,7 +13,9 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx, struct
+from jax.sharding import Mesh
 
+from vit_flax import parallel
 from vit_flax.model import ViT
 
 Metrics = dict[str, jax.Array]
@@ -39,6 +41,7 @@ def summarize(totals: Metrics) -> dict[str, float]:
 
 def per_example_metrics(logits: jax.Array, labels: jax.Array) -> Metrics:
     """Sparse softmax cross-entropy, accuracy and top-5 accuracy of each example."""
+    logits = logits.astype(jnp.float32)  # The loss in float32, whatever the compute dtype.
     label_logits = jnp.take_along_axis(logits, labels[:, None], axis=-1)
     return {
         "loss": optax.softmax_cross_entropy_with_integer_labels(logits, labels),
@@ -48,10 +51,14 @@ def per_example_metrics(logits: jax.Array, labels: jax.Array) -> Metrics:
     }
 
 
-def _gather(images: jax.Array, labels: jax.Array, batch_index: jax.Array):
+def _gather(images: jax.Array, labels: jax.Array, batch_index: jax.Array, mesh: Mesh | None):
     mask = (batch_index >= 0).astype(jnp.float32)
     safe = jnp.maximum(batch_index, 0)
-    return images[safe], labels[safe], mask
+    batch_images, batch_labels = images[safe], labels[safe]
+    if mesh is not None:  # Each device works on its slice of the batch.
+        batch_images, batch_labels, mask = jax.lax.with_sharding_constraint(
+            (batch_images, batch_labels, mask), parallel.batch_sharded(mesh))
+    return batch_images, batch_labels, mask
 
 
 def _add(totals: Metrics, per_example: Metrics, mask: jax.Array) -> Metrics:
@@ -60,15 +67,17 @@ def _add(totals: Metrics, per_example: Metrics, mask: jax.Array) -> Metrics:
     return {name: totals[name] + sums[name] for name in totals}
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation):
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+                    mesh: Mesh | None = None):
     """(state, statistics, totals, images, labels, batch_index) -> (state, totals), jitted.
 
-    `state` and `totals` are donated: their buffers are reused for the outputs.
+    `state` is donated: its buffers are reused for the new state. With a `mesh`, the batch
+    is split across its "data" axis (see vit_flax.parallel).
     """
 
     def train_step(state: TrainState, statistics: nnx.State, totals: Metrics,
                    images: jax.Array, labels: jax.Array, batch_index: jax.Array):
-        batch_images, batch_labels, mask = _gather(images, labels, batch_index)
+        batch_images, batch_labels, mask = _gather(images, labels, batch_index, mesh)
         augment_key, dropout_key = jax.random.split(jax.random.fold_in(state.rng, state.step))
 
         def loss_fn(params):
@@ -86,18 +95,19 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation):
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, _add(totals, per_example, mask)
 
-    return jax.jit(train_step, donate_argnums=(0, 2))
+    # totals are not donated: the progress bar reads the previous step's while this one runs.
+    return jax.jit(train_step, donate_argnums=0)
 
 
-def make_eval_step(graphdef: nnx.GraphDef):
+def make_eval_step(graphdef: nnx.GraphDef, mesh: Mesh | None = None):
     """(params, statistics, totals, images, labels, batch_index) -> totals, jitted."""
 
     def eval_step(params, statistics, totals, images, labels, batch_index):
-        batch_images, batch_labels, mask = _gather(images, labels, batch_index)
+        batch_images, batch_labels, mask = _gather(images, labels, batch_index, mesh)
         logits = nnx.merge(graphdef, params, statistics)(batch_images, train=False)
         return _add(totals, per_example_metrics(logits, batch_labels), mask)
 
-    return jax.jit(eval_step, donate_argnums=2)
+    return jax.jit(eval_step)
 
 
 def split_model(model: ViT) -> tuple[nnx.GraphDef, nnx.State, Any]:

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vit_flax import augment, plots, steps
+from vit_flax import augment, parallel, plots, steps
 from vit_flax import data as data_lib
 from vit_flax.config import ConfigError, ViTConfig
 from vit_flax.inference import BEST_CHECKPOINT, CONFIG_FILE, restore_model, save_model
@@ -82,9 +82,16 @@ def build_model(config: ViTConfig, train_images: np.ndarray) -> ViT:
     return model
 
 
-def to_device(dataset: data_lib.Dataset) -> tuple[jax.Array, jax.Array]:
-    """The host -> device boundary: a whole split goes to the device once, as uint8."""
-    return jax.device_put(dataset.images), jax.device_put(dataset.labels)
+def to_device(dataset: data_lib.Dataset, mesh) -> tuple[jax.Array, jax.Array]:
+    """The host -> device boundary: a whole split goes to every device once, as uint8."""
+    return jax.device_put((dataset.images, dataset.labels), parallel.replicated(mesh))
+
+
+def batch_rows(order: np.ndarray, batch_size: int, mesh) -> list[jax.Array]:
+    """An epoch's batch index rows, put on the devices in one go before the epoch starts
+    (each row split across them), so the steps themselves copy nothing from the host."""
+    rows = list(data_lib.batch_indices(order, batch_size))
+    return jax.device_put(rows, parallel.batch_sharded(mesh))
 
 
 class Progress:
@@ -115,10 +122,10 @@ class Progress:
             self.bar.close()
 
 
-def evaluate(eval_step, params, statistics, arrays, batch_size: int) -> dict[str, float]:
+def evaluate(eval_step, params, statistics, arrays, batch_size: int, mesh) -> dict[str, float]:
     images, labels = arrays
     totals = steps.zero_totals()
-    for batch_index in jnp.asarray(data_lib.batch_indices(np.arange(len(labels)), batch_size)):
+    for batch_index in batch_rows(np.arange(len(labels)), batch_size, mesh):
         totals = eval_step(params, statistics, totals, images, labels, batch_index)
     return steps.summarize(totals)
 
@@ -144,12 +151,15 @@ def _line(prefix: str, metrics: dict[str, float]) -> str:
 
 
 def train(config: ViTConfig, splits: data_lib.Splits, workdir: str | os.PathLike,
-          log: Callable[[str], None] = print) -> dict:
+          log: Callable[[str], None] = print, devices=None) -> dict:
     """Fit, keep the best weights by val_accuracy, evaluate them on the test split.
 
-    Writes config.json, history.json (every epoch), the best checkpoint, results.json and
-    the figures into `workdir`; returns the contents of results.json.
+    Data-parallel over `devices` (default: all of them). Writes config.json, history.json
+    (every epoch), the best checkpoint, results.json and the figures into `workdir`; returns
+    the contents of results.json.
     """
+    mesh = parallel.data_mesh(devices)
+    parallel.check_batch_size(config.batch_size, mesh)
     check_data(config, splits)
     workdir = prepare_workdir(workdir)
     train_set, validation_set = data_lib.validation_split(splits.train, config.validation_split)
@@ -163,23 +173,25 @@ def train(config: ViTConfig, splits: data_lib.Splits, workdir: str | os.PathLike
     state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                              opt_state=tx.init(params),
                              rng=jax.random.fold_in(jax.random.key(config.seed), 1))
-    train_arrays = to_device(train_set)
-    validation_arrays = to_device(validation_set) if len(validation_set) else None
+    state, statistics = jax.device_put((state, statistics), parallel.replicated(mesh))
+    train_arrays = to_device(train_set, mesh)
+    validation_arrays = to_device(validation_set, mesh) if len(validation_set) else None
 
     started = time.perf_counter()
-    train_step = steps.make_train_step(graphdef, tx).lower(
+    train_step = steps.make_train_step(graphdef, tx, mesh).lower(
         state, statistics, steps.zero_totals(), *train_arrays,
-        jnp.zeros((config.batch_size,), jnp.int32)).compile()
+        batch_rows(np.zeros(config.batch_size, np.int32), config.batch_size, mesh)[0]).compile()
     compile_seconds = time.perf_counter() - started
     log(f"Training on {len(train_set)} images, validating on {len(validation_set)}, "
-        f"{jax.devices()[0].platform.upper()}; train step compiled in {compile_seconds:.1f}s")
-    eval_step = steps.make_eval_step(graphdef)
+        f"{mesh.size} {mesh.devices.flat[0].platform.upper()} device(s); "
+        f"train step compiled in {compile_seconds:.1f}s")
+    eval_step = steps.make_eval_step(graphdef, mesh)
 
     history, best_accuracy, best_epoch = [], -np.inf, 0
     for epoch in range(1, config.epochs + 1):
         epoch_started = time.perf_counter()
-        rows = jnp.asarray(data_lib.batch_indices(
-            data_lib.epoch_order(len(train_set), config.seed, epoch), config.batch_size))
+        rows = batch_rows(data_lib.epoch_order(len(train_set), config.seed, epoch),
+                          config.batch_size, mesh)
         progress = Progress(epoch, config.epochs, len(rows), log)
         totals = steps.zero_totals()
         for i, batch_index in enumerate(rows):
@@ -193,7 +205,7 @@ def train(config: ViTConfig, splits: data_lib.Splits, workdir: str | os.PathLike
         row = {"epoch": epoch, **train_metrics}
         if validation_arrays is not None:
             validation = evaluate(eval_step, state.params, statistics, validation_arrays,
-                                  config.batch_size)
+                                  config.batch_size, mesh)
             row.update({f"val_{name}": value for name, value in validation.items()})
         row["epoch_seconds"] = time.perf_counter() - epoch_started
         row["images_per_second"] = len(train_set) / train_seconds
@@ -210,14 +222,14 @@ def train(config: ViTConfig, splits: data_lib.Splits, workdir: str | os.PathLike
             best_accuracy, best_epoch = score, epoch
             save_model(workdir / BEST_CHECKPOINT, nnx.merge(graphdef, state.params, statistics))
 
-    results = _finish(config, splits, workdir, history, best_epoch, log)
+    results = _finish(config, splits, workdir, history, best_epoch, mesh, log)
     results.update(compile_seconds=compile_seconds, train_examples=len(train_set),
                    validation_examples=len(validation_set))
     _write_json(workdir / "results.json", results)
     return results
 
 
-def _finish(config, splits, workdir: Path, history, best_epoch: int, log) -> dict:
+def _finish(config, splits, workdir: Path, history, best_epoch: int, mesh, log) -> dict:
     """Restore the best weights (as the seed's model.load_weights), evaluate, plot."""
     results = {"test_loss": None, "test_accuracy": None, "test_top-5-accuracy": None}
     if history:
@@ -227,8 +239,9 @@ def _finish(config, splits, workdir: Path, history, best_epoch: int, log) -> dic
     if best_epoch and splits.test is not None and len(splits.test):
         model = restore_model(workdir / BEST_CHECKPOINT, config)
         graphdef, params, statistics = steps.split_model(model)
-        test = evaluate(steps.make_eval_step(graphdef), params, statistics,
-                        to_device(splits.test), config.batch_size)
+        params, statistics = jax.device_put((params, statistics), parallel.replicated(mesh))
+        test = evaluate(steps.make_eval_step(graphdef, mesh), params, statistics,
+                        to_device(splits.test, mesh), config.batch_size, mesh)
         results.update({f"test_{name}": value for name, value in test.items()})
         log(f"Test accuracy: {round(test['accuracy'] * 100, 2)}%")
         log(f"Test top 5 accuracy: {round(test['top-5-accuracy'] * 100, 2)}%")
@@ -236,7 +249,7 @@ def _finish(config, splits, workdir: Path, history, best_epoch: int, log) -> dic
         log("No test split (an image folder without test/): test metrics are not computed.")
     results.update(best_epoch=best_epoch, test_examples=0 if splits.test is None
                    else len(splits.test), config=json.loads(config.to_json()),
-                   devices=1, versions=versions())
+                   devices=mesh.size, versions=versions())
     return results
 
 
