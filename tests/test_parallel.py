@@ -12,6 +12,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from conftest import TINY, random_images
 from flax import nnx
 
@@ -119,3 +120,23 @@ def test_train_py_reports_devices_and_dtype(tmp_path, image_folder):
     results = json.loads((tmp_path / "w" / "results.json").read_text())
     assert results["devices"] == 1 and results["config"]["dtype"] == "bfloat16"
     assert np.isfinite(results["test_loss"])
+
+
+def test_streaming_from_the_host_trains_like_data_on_the_device(tmp_path):
+    config = vit_flax.ViTConfig(**TINY, epochs=2)
+    labels = np.arange(60) % 3
+    splits = data.from_arrays(random_images(60, 8), labels, random_images(12, 8, seed=1),
+                              labels[:12])
+    quiet = lambda _: None  # noqa: E731
+    on_device = vit_flax.train(config, splits, tmp_path / "device", log=quiet,
+                               data_on_device=True)
+    streamed = vit_flax.train(config, splits, tmp_path / "host", log=quiet,
+                              data_on_device=False)
+    device_history = json.loads((tmp_path / "device" / "history.json").read_text())
+    host_history = json.loads((tmp_path / "host" / "history.json").read_text())
+    # The same batches, keys and arithmetic; only where the gather happens differs. The
+    # step programs differ in their input shapes, so allow float32 round-off.
+    for a, b in zip(device_history, host_history, strict=True):
+        for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5), key
+    assert streamed["test_loss"] == pytest.approx(on_device["test_loss"], rel=1e-5)

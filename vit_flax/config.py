@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Literal
 
 HEADS = ("flatten", "gap", "cls")
@@ -81,10 +82,13 @@ class ViTConfig:
             raise ConfigError(
                 f"rotation_factor must be in [0, 0.5] and zoom_factor in [0, 1), "
                 f"got {self.rotation_factor} and {self.zoom_factor}")
-        if self.learning_rate <= 0 or self.weight_decay < 0:
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0
+                and math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise ConfigError(
-                f"learning_rate must be > 0 and weight_decay >= 0, got {self.learning_rate} "
-                f"and {self.weight_decay}")
+                f"learning_rate must be finite and > 0, weight_decay finite and >= 0, got "
+                f"{self.learning_rate} and {self.weight_decay}")
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise ConfigError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
 
     @property
     def num_patches(self) -> int:

@@ -166,10 +166,14 @@ def _read_cifar_member(tar: tarfile.TarFile, member: str, label_key: bytes):
         handle = tar.extractfile(member)
         batch = _CifarUnpickler(io.BytesIO(handle.read()), encoding="bytes").load()
         data = np.asarray(batch[b"data"], np.uint8)
-        labels = np.asarray(batch[label_key], np.int32)
-    except (KeyError, EOFError, pickle.UnpicklingError, ValueError, tarfile.TarError,
-            AttributeError, OSError) as error:
-        raise DataError(f"{tar.name}: member {member!r} is not a CIFAR batch ({error})") from None
+        labels = np.asarray(batch[label_key], np.int32).reshape(-1)
+        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
+            raise ValueError(f"data {data.shape} and {len(labels)} labels, expected "
+                             f"(N, 3072) and N labels")
+    except (KeyError, IndexError, TypeError, EOFError, pickle.UnpicklingError, ValueError,
+            tarfile.TarError, AttributeError, OSError) as error:
+        raise DataError(f"{tar.name}: member {member!r} is not a CIFAR batch ({error}); "
+                        f"delete the archive and download it again") from None
     # Rows are channel-major (R plane, G plane, B plane), as keras.datasets reshapes them.
     return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
 
@@ -214,12 +218,13 @@ def _read_tfds(name: str, data_dir: Path | None) -> Splits | None:
 def download_cifar(name: str, directory: Path) -> Path:
     archive = CIFAR[name][0]
     target = directory / archive
+    partial = target.with_suffix(".part")
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        partial = target.with_suffix(".part")
         urllib.request.urlretrieve(CIFAR_URL + archive, partial)
         partial.rename(target)
     except OSError as error:
+        partial.unlink(missing_ok=True)
         raise DataError(
             f"{name} is not on this machine and could not be downloaded ({error}). Download "
             f"{CIFAR_URL}{archive} and put it in {directory} (or pass --data-dir DIR holding "

@@ -3,6 +3,7 @@ val_accuracy, evaluate them on the test split. `run` is what train.py calls."""
 
 from __future__ import annotations
 
+import collections
 import importlib.metadata
 import json
 import os
@@ -94,6 +95,57 @@ def batch_rows(order: np.ndarray, batch_size: int, mesh) -> list[jax.Array]:
     return jax.device_put(rows, parallel.batch_sharded(mesh))
 
 
+def fits_on_device(dataset: data_lib.Dataset, mesh, fraction: float = 0.25) -> bool:
+    """Whether a split may live on each device: at most `fraction` of its memory (the rest
+    is for weights, optimizer state and activations). CPUs report no limit: it fits."""
+    stats = mesh.devices.flat[0].memory_stats() or {}
+    limit = stats.get("bytes_limit")
+    return limit is None or dataset.images.nbytes + dataset.labels.nbytes <= fraction * limit
+
+
+class DeviceFeed:
+    """The split lives on the devices; a step gets the whole arrays and its index row, and
+    gathers its batch in jit. No per-step host work."""
+
+    def __init__(self, dataset: data_lib.Dataset, mesh):
+        self.arrays, self.mesh, self.size = to_device(dataset, mesh), mesh, len(dataset)
+
+    def batches(self, order: np.ndarray, batch_size: int):
+        for row in batch_rows(order, batch_size, self.mesh):
+            yield (*self.arrays, row)
+
+
+class HostFeed:
+    """For a split too large for the devices: the host gathers each batch, and sends it
+    `PREFETCH` steps ahead of the step that uses it (the step indexes it with 0..B-1)."""
+
+    PREFETCH = 2
+
+    def __init__(self, dataset: data_lib.Dataset, mesh):
+        self.dataset, self.mesh, self.size = dataset, mesh, len(dataset)
+
+    def _put(self, row: np.ndarray):
+        safe = np.maximum(row, 0)
+        local = np.where(row >= 0, np.arange(len(row)), -1).astype(np.int32)
+        batch = (self.dataset.images[safe], self.dataset.labels[safe], local)
+        return jax.device_put(batch, parallel.batch_sharded(self.mesh))
+
+    def batches(self, order: np.ndarray, batch_size: int):
+        queue = collections.deque()
+        for row in data_lib.batch_indices(order, batch_size):
+            queue.append(self._put(row))
+            if len(queue) > self.PREFETCH:
+                yield queue.popleft()
+        yield from queue
+
+
+def make_feed(dataset: data_lib.Dataset, mesh, on_device: bool | None = None):
+    """DeviceFeed when the split fits on the devices (or on_device=True), else HostFeed."""
+    if on_device is None:
+        on_device = fits_on_device(dataset, mesh)
+    return DeviceFeed(dataset, mesh) if on_device else HostFeed(dataset, mesh)
+
+
 class Progress:
     """A tqdm bar with live loss and accuracy on a terminal; plain lines elsewhere."""
 
@@ -122,11 +174,10 @@ class Progress:
             self.bar.close()
 
 
-def evaluate(eval_step, params, statistics, arrays, batch_size: int, mesh) -> dict[str, float]:
-    images, labels = arrays
+def evaluate(eval_step, params, statistics, feed, batch_size: int) -> dict[str, float]:
     totals = steps.zero_totals()
-    for batch_index in batch_rows(np.arange(len(labels)), batch_size, mesh):
-        totals = eval_step(params, statistics, totals, images, labels, batch_index)
+    for batch in feed.batches(np.arange(feed.size), batch_size):
+        totals = eval_step(params, statistics, totals, *batch)
     return steps.summarize(totals)
 
 
@@ -151,12 +202,15 @@ def _line(prefix: str, metrics: dict[str, float]) -> str:
 
 
 def train(config: ViTConfig, splits: data_lib.Splits, workdir: str | os.PathLike,
-          log: Callable[[str], None] = print, devices=None) -> dict:
+          log: Callable[[str], None] = print, devices=None,
+          data_on_device: bool | None = None) -> dict:
     """Fit, keep the best weights by val_accuracy, evaluate them on the test split.
 
-    Data-parallel over `devices` (default: all of them). Writes config.json, history.json
-    (every epoch), the best checkpoint, results.json and the figures into `workdir`; returns
-    the contents of results.json.
+    Data-parallel over `devices` (default: all of them). The data lives on the devices
+    unless it would take more than a quarter of their memory (or data_on_device=False), in
+    which case batches stream from the host. Writes config.json, history.json (every
+    epoch), the best checkpoint, results.json and the figures into `workdir`; returns the
+    contents of results.json.
     """
     mesh = parallel.data_mesh(devices)
     parallel.check_batch_size(config.batch_size, mesh)
@@ -174,38 +228,40 @@ def train(config: ViTConfig, splits: data_lib.Splits, workdir: str | os.PathLike
                              opt_state=tx.init(params),
                              rng=jax.random.fold_in(jax.random.key(config.seed), 1))
     state, statistics = jax.device_put((state, statistics), parallel.replicated(mesh))
-    train_arrays = to_device(train_set, mesh)
-    validation_arrays = to_device(validation_set, mesh) if len(validation_set) else None
+    train_feed = make_feed(train_set, mesh, data_on_device)
+    validation_feed = make_feed(validation_set, mesh, data_on_device) \
+        if len(validation_set) else None
 
     started = time.perf_counter()
+    example = next(train_feed.batches(np.zeros(config.batch_size, np.int32), config.batch_size))
     train_step = steps.make_train_step(graphdef, tx, mesh).lower(
-        state, statistics, steps.zero_totals(), *train_arrays,
-        batch_rows(np.zeros(config.batch_size, np.int32), config.batch_size, mesh)[0]).compile()
+        state, statistics, steps.zero_totals(), *example).compile()
     compile_seconds = time.perf_counter() - started
     log(f"Training on {len(train_set)} images, validating on {len(validation_set)}, "
-        f"{mesh.size} {mesh.devices.flat[0].platform.upper()} device(s); "
+        f"{mesh.size} {mesh.devices.flat[0].platform.upper()} device(s), data "
+        f"{'on the devices' if isinstance(train_feed, DeviceFeed) else 'streamed'}; "
         f"train step compiled in {compile_seconds:.1f}s")
     eval_step = steps.make_eval_step(graphdef, mesh)
 
     history, best_accuracy, best_epoch = [], -np.inf, 0
+    _write_json(workdir / "history.json", history)
     for epoch in range(1, config.epochs + 1):
         epoch_started = time.perf_counter()
-        rows = batch_rows(data_lib.epoch_order(len(train_set), config.seed, epoch),
-                          config.batch_size, mesh)
-        progress = Progress(epoch, config.epochs, len(rows), log)
+        order = data_lib.epoch_order(len(train_set), config.seed, epoch)
+        progress = Progress(epoch, config.epochs, -(-len(order) // config.batch_size), log)
         totals = steps.zero_totals()
-        for i, batch_index in enumerate(rows):
+        for i, batch in enumerate(train_feed.batches(order, config.batch_size)):
             previous = totals
-            state, totals = train_step(state, statistics, totals, *train_arrays, batch_index)
+            state, totals = train_step(state, statistics, totals, *batch)
             progress.update(i, previous)
         train_metrics = steps.summarize(totals)  # Waits for the last step.
         train_seconds = time.perf_counter() - epoch_started
         progress.close()
 
         row = {"epoch": epoch, **train_metrics}
-        if validation_arrays is not None:
-            validation = evaluate(eval_step, state.params, statistics, validation_arrays,
-                                  config.batch_size, mesh)
+        if validation_feed is not None:
+            validation = evaluate(eval_step, state.params, statistics, validation_feed,
+                                  config.batch_size)
             row.update({f"val_{name}": value for name, value in validation.items()})
         row["epoch_seconds"] = time.perf_counter() - epoch_started
         row["images_per_second"] = len(train_set) / train_seconds
@@ -213,23 +269,25 @@ def train(config: ViTConfig, splits: data_lib.Splits, workdir: str | os.PathLike
         _write_json(workdir / "history.json", history)
         log(f"Epoch {epoch}/{config.epochs} - {row['epoch_seconds']:.1f}s - "
             f"{_line('', train_metrics)}"
-            + (f" - {_line('val_', validation)}" if validation_arrays is not None else ""))
+            + (f" - {_line('val_', validation)}" if validation_feed is not None else ""))
 
         # ModelCheckpoint(save_best_only=True): only a strict improvement saves. Without a
         # validation set every epoch saves, so the last one is kept.
         score = row.get("val_accuracy", np.inf)
-        if score > best_accuracy or validation_arrays is None:
+        if score > best_accuracy or validation_feed is None:
             best_accuracy, best_epoch = score, epoch
             save_model(workdir / BEST_CHECKPOINT, nnx.merge(graphdef, state.params, statistics))
 
-    results = _finish(config, splits, workdir, history, best_epoch, mesh, log)
+    results = _finish(config, splits, workdir, history, best_epoch, eval_step, mesh,
+                      data_on_device, log)
     results.update(compile_seconds=compile_seconds, train_examples=len(train_set),
                    validation_examples=len(validation_set))
     _write_json(workdir / "results.json", results)
     return results
 
 
-def _finish(config, splits, workdir: Path, history, best_epoch: int, mesh, log) -> dict:
+def _finish(config, splits, workdir: Path, history, best_epoch: int, eval_step, mesh,
+            data_on_device, log) -> dict:
     """Restore the best weights (as the seed's model.load_weights), evaluate, plot."""
     results = {"test_loss": None, "test_accuracy": None, "test_top-5-accuracy": None}
     if history:
@@ -237,16 +295,17 @@ def _finish(config, splits, workdir: Path, history, best_epoch: int, mesh, log) 
             if f"val_{item}" in history[0]:
                 plots.plot_history(history, item, workdir / f"{item}.png")
     if best_epoch and splits.test is not None and len(splits.test):
-        model = restore_model(workdir / BEST_CHECKPOINT, config)
-        graphdef, params, statistics = steps.split_model(model)
+        _, params, statistics = steps.split_model(restore_model(workdir / BEST_CHECKPOINT, config))
         params, statistics = jax.device_put((params, statistics), parallel.replicated(mesh))
-        test = evaluate(steps.make_eval_step(graphdef, mesh), params, statistics,
-                        to_device(splits.test, mesh), config.batch_size, mesh)
+        test = evaluate(eval_step, params, statistics,
+                        make_feed(splits.test, mesh, data_on_device), config.batch_size)
         results.update({f"test_{name}": value for name, value in test.items()})
         log(f"Test accuracy: {round(test['accuracy'] * 100, 2)}%")
         log(f"Test top 5 accuracy: {round(test['top-5-accuracy'] * 100, 2)}%")
     elif splits.test is None:
         log("No test split (an image folder without test/): test metrics are not computed.")
+    elif not best_epoch:
+        log("No epoch was trained: there is no checkpoint to test.")
     results.update(best_epoch=best_epoch, test_examples=0 if splits.test is None
                    else len(splits.test), config=json.loads(config.to_json()),
                    devices=mesh.size, versions=versions())

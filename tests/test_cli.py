@@ -1,0 +1,185 @@
+"""train.py: a real end-to-end run, and one-line errors with exit status 2 for bad input."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import TINY_FLAGS, random_images, write_image_folder
+
+import vit_flax
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+HISTORY_KEYS = {"epoch", "loss", "accuracy", "top-5-accuracy", "val_loss", "val_accuracy",
+                "val_top-5-accuracy", "epoch_seconds", "images_per_second"}
+
+
+def load_train_module():
+    spec = importlib.util.spec_from_file_location("train_cli", ROOT / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+train = load_train_module()
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    def download(*args, **kwargs):
+        raise AssertionError(f"a test tried to download {args}")
+
+    monkeypatch.setattr(urllib.request, "urlretrieve", download)
+
+
+def run_train_py(*args: str) -> subprocess.CompletedProcess:
+    # One CPU device, whatever this machine has: the run's facts (devices == 1) are fixed.
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"}
+    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_train_py_end_to_end(image_folder, tmp_path):
+    workdir = tmp_path / "run"
+    done = run_train_py(*TINY_FLAGS, "--dataset", "folder", "--data-dir", str(image_folder),
+                        "--epochs", "1", "--workdir", str(workdir))
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+
+    history = json.loads((workdir / "history.json").read_text())
+    assert isinstance(history, list) and len(history) == 1
+    assert set(history[0]) == HISTORY_KEYS and history[0]["epoch"] == 1
+    assert all(math.isfinite(value) for value in history[0].values())
+
+    results = json.loads((workdir / "results.json").read_text())
+    assert math.isfinite(results["test_loss"])
+    for name in ("test_accuracy", "test_top-5-accuracy"):
+        assert 0.0 <= results[name] <= 1.0
+    # 3 classes: the true label is always among the top 5.
+    assert results["test_top-5-accuracy"] == 1.0
+    assert results["devices"] == 1 and results["best_epoch"] == 1
+    assert results["config"]["num_classes"] == 3 and results["config"]["epochs"] == 1
+    assert {"jax", "flax", "numpy"} <= set(results["versions"])
+    # 36 training images: floor(36 * 0.9) train, the last 4 validate; 4 test images per class.
+    assert (results["train_examples"], results["validation_examples"],
+            results["test_examples"]) == (32, 4, 12)
+    assert json.loads((workdir / "config.json").read_text()) == results["config"]
+
+    for figure in ("loss.png", "top-5-accuracy.png", "patches.png"):
+        assert (workdir / figure).read_bytes()[:8] == PNG_SIGNATURE, figure
+
+    lines = done.stdout.splitlines()
+    accuracy = round(results["test_accuracy"] * 100, 2)
+    assert f"Test accuracy: {accuracy}%" in lines
+    assert f"Test top 5 accuracy: {round(results['test_top-5-accuracy'] * 100, 2)}%" in lines
+
+    model, config = vit_flax.load(workdir)
+    assert config.to_json() == (workdir / "config.json").read_text().strip()
+    logits = vit_flax.predict(model, random_images(5, 8))
+    assert logits.shape == (5, 3) and np.isfinite(logits).all()
+
+
+def test_bad_input_in_a_real_process(tmp_path):
+    done = run_train_py("--dataset", "folder", "--data-dir", str(tmp_path / "nowhere"),
+                        "--workdir", str(tmp_path / "run"))
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "nowhere" in lines[0]
+
+
+def one_error_line(capsys) -> str:
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+@pytest.fixture
+def images(tmp_path) -> Path:
+    return write_image_folder(tmp_path / "images", train_per_class=4)
+
+
+def folder_args(images: Path, tmp_path: Path, *extra: str) -> list[str]:
+    """A valid tiny one-epoch run, then `extra` (argparse keeps a flag's last value)."""
+    return [*TINY_FLAGS, "--dataset", "folder", "--data-dir", str(images), "--epochs", "1",
+            "--workdir", str(tmp_path / "run"), *extra]
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--batch-size", "0"], "batch_size"),
+    (["--batch-size", "-8"], "batch_size"),
+    (["--epochs", "-1"], "epochs"),
+    (["--image-size", "13"], "divisible"),  # 13 is not a multiple of --patch-size 4.
+    (["--projection-dim", "0"], "projection_dim"),
+    (["--head", "mean"], "head"),
+    (["--mlp-head-units", "16,0"], "mlp_head_units"),
+    (["--validation-split", "1"], "validation_split"),
+    (["--train-examples", "0"], "train-examples"),
+    (["--test-examples", "-1"], "test-examples"),
+    (["--train-examples", "1"], "validation_split"),  # One example cannot be split.
+    (["--seed", "-1"], "seed"),  # As Keras' set_random_seed, a negative seed is refused.
+    (["--seed", str(2**63)], "seed"),  # Too large for a JAX key.
+    (["--learning-rate", "nan"], "learning_rate"),  # Would train to NaN weights, exit 0.
+], ids=lambda value: " ".join(value) if isinstance(value, list) else None)
+def test_bad_values_are_one_line_errors(images, tmp_path, capsys, flags, expected):
+    assert train.main(folder_args(images, tmp_path, *flags)) == 2
+    assert expected in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--mlp-head-units", "a,b"], "--mlp-head-units"),
+    (["--epochs", "two"], "--epochs"),
+    (["--no-such-flag"], "--no-such-flag"),
+], ids=lambda value: " ".join(value) if isinstance(value, list) else None)
+def test_flags_that_do_not_parse_are_one_line_errors(images, tmp_path, capsys, flags, expected):
+    with pytest.raises(SystemExit) as exit_:
+        train.main(folder_args(images, tmp_path, *flags))
+    assert exit_.value.code == 2
+    assert expected in one_error_line(capsys)
+
+
+def test_bad_data_is_a_one_line_error(tmp_path, capsys):
+    workdir = ["--workdir", str(tmp_path / "run")]
+    assert train.main(["--dataset", "imagenet", *workdir]) == 2
+    assert "imagenet" in one_error_line(capsys)
+    assert train.main(["--dataset", "folder", *workdir]) == 2
+    assert "--data-dir" in one_error_line(capsys)
+    (tmp_path / "empty" / "train" / "cat").mkdir(parents=True)
+    assert train.main(["--dataset", "folder", "--data-dir", str(tmp_path / "empty"),
+                       *workdir]) == 2
+    assert "no images" in one_error_line(capsys)
+    missing = tmp_path / "missing"
+    assert train.main(["--dataset", "cifar10", "--data-dir", str(missing), *workdir]) == 2
+    assert str(missing) in one_error_line(capsys)
+
+
+def test_workdir_that_is_a_file_is_a_one_line_error(images, tmp_path, capsys):
+    (tmp_path / "run").write_text("not a directory")
+    assert train.main(folder_args(images, tmp_path)) == 2
+    assert "is a file" in one_error_line(capsys)
+
+
+def test_zero_epochs_trains_nothing(image_folder, tmp_path, capsys):
+    # epochs=0 is a valid config (>= 0): fit(epochs=0) trains nothing, so no epoch improves
+    # and no checkpoint is written; there are no best weights to evaluate on test.
+    assert train.main(folder_args(image_folder, tmp_path, "--epochs", "0")) == 0
+    assert "Traceback" not in capsys.readouterr().err
+    workdir = tmp_path / "run"
+    results = json.loads((workdir / "results.json").read_text())
+    assert results["best_epoch"] == 0
+    assert results["test_loss"] is results["test_accuracy"] is None
+    assert results["config"]["epochs"] == 0
+    assert (workdir / "config.json").is_file() and not (workdir / "best_checkpoint").exists()
+    with pytest.raises(FileNotFoundError, match="no finished"):
+        vit_flax.load(workdir)
