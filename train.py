@@ -55,6 +55,10 @@ def parse_args(argv, defaults):
     add("--validation-split", type=float, default=defaults.validation_split)
     add("--train-examples", type=integer, default=None, help="use only the first N")
     add("--test-examples", type=integer, default=None, help="use only the first N")
+    add("--coordinator-address", default=None,
+        help="several hosts: HOST:PORT of process 0 (starts jax.distributed)")
+    add("--num-processes", type=integer, default=None, help="several hosts: how many")
+    add("--process-id", type=integer, default=None, help="several hosts: this one's index")
     return parser.parse_args(argv)
 
 
@@ -73,7 +77,9 @@ def main(argv=None) -> int:
             head=args.head, dtype=args.dtype, seed=args.seed,
             validation_split=args.validation_split)
         vit_flax.run(config, dataset=args.dataset, data_dir=args.data_dir, workdir=args.workdir,
-                     train_examples=args.train_examples, test_examples=args.test_examples)
+                     train_examples=args.train_examples, test_examples=args.test_examples,
+                     coordinator_address=args.coordinator_address,
+                     num_processes=args.num_processes, process_id=args.process_id)
     except (vit_flax.ConfigError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

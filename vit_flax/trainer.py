@@ -30,8 +30,15 @@ PACKAGES = ("vit_flax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "n
 
 def run(config: ViTConfig, *, dataset: str = "cifar100", data_dir: str | None = None,
         workdir: str = "workdir", train_examples: int | None = None,
-        test_examples: int | None = None) -> dict:
-    """Load the named data set, then `train` on it. Everything train.py does."""
+        test_examples: int | None = None, coordinator_address: str | None = None,
+        num_processes: int | None = None, process_id: int | None = None) -> dict:
+    """Load the named data set, then `train` on it. Everything train.py does.
+
+    With `coordinator_address` (several hosts), JAX's distributed runtime is started first
+    and the devices of every process form one data-parallel mesh.
+    """
+    if coordinator_address is not None:
+        jax.distributed.initialize(coordinator_address, num_processes, process_id)
     for name, value in (("train_examples", train_examples), ("test_examples", test_examples)):
         if value is not None and value <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
@@ -191,7 +198,14 @@ def versions() -> dict[str, str]:
     return found
 
 
+def _is_main_process() -> bool:
+    """On several hosts every process trains; only the first writes files and logs."""
+    return jax.process_index() == 0
+
+
 def _write_json(path: Path, value) -> None:
+    if not _is_main_process():
+        return
     partial = path.with_suffix(".tmp")
     partial.write_text(json.dumps(value, indent=2) + "\n")
     partial.replace(path)  # Readers never see a half-written file.
@@ -216,11 +230,14 @@ def train(config: ViTConfig, splits: data_lib.Splits, workdir: str | os.PathLike
     parallel.check_batch_size(config.batch_size, mesh)
     check_data(config, splits)
     workdir = prepare_workdir(workdir)
+    if not _is_main_process():
+        log = lambda _: None  # noqa: E731
     train_set, validation_set = data_lib.validation_split(splits.train, config.validation_split)
     # As the seed: Normalization is adapted on all training images, the validation part too.
     model = build_model(config, splits.train.images)
-    (workdir / CONFIG_FILE).write_text(config.to_json() + "\n")
-    _plot_patches(model, train_set.images[0], workdir / "patches.png")
+    if _is_main_process():
+        (workdir / CONFIG_FILE).write_text(config.to_json() + "\n")
+        _plot_patches(model, train_set.images[0], workdir / "patches.png")
 
     graphdef, params, statistics = steps.split_model(model)
     tx = keras_adamw(config.learning_rate, config.weight_decay)
@@ -290,7 +307,7 @@ def _finish(config, splits, workdir: Path, history, best_epoch: int, eval_step, 
             data_on_device, log) -> dict:
     """Restore the best weights (as the seed's model.load_weights), evaluate, plot."""
     results = {"test_loss": None, "test_accuracy": None, "test_top-5-accuracy": None}
-    if history:
+    if history and _is_main_process():
         for item in ("loss", "top-5-accuracy"):
             if f"val_{item}" in history[0]:
                 plots.plot_history(history, item, workdir / f"{item}.png")
