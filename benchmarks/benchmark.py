@@ -121,9 +121,7 @@ def worker(name: str, batch_size: int, steps: int) -> None:
 def run_worker(name: str, batch_size: int, steps: int) -> dict:
     command = [sys.executable, __file__, "--worker", name, "--batch-size", str(batch_size),
                "--steps", str(steps)]
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(
-        __file__))) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    completed = subprocess.run(command, capture_output=True, text=True, env=env)
+    completed = subprocess.run(command, capture_output=True, text=True)
     lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
     if completed.returncode or not lines:
         sys.exit(f"{name} failed:\n{completed.stderr[-3000:]}")
