@@ -137,11 +137,15 @@ def from_arrays(x_train, y_train, x_test=None, y_test=None,
         top = max(int(train.labels.max()), -1 if test is None else int(test.labels.max()))
         class_names = tuple(str(i) for i in range(top + 1))
     for name, part in (("train", train), ("test", test)):
-        if part is not None and len(part) and (part.labels.min() < 0
-                                               or part.labels.max() >= len(class_names)):
-            raise DataError(f"{name} labels must be in [0, {len(class_names)}), got "
-                            f"[{part.labels.min()}, {part.labels.max()}]")
+        if part is not None:
+            check_labels(part, len(class_names), name)
     return Splits(train, test, tuple(class_names))
+
+
+def check_labels(part: Dataset, num_classes: int, name: str) -> None:
+    if len(part) and (part.labels.min() < 0 or part.labels.max() >= num_classes):
+        raise DataError(f"{name} labels must be in [0, {num_classes}), got "
+                        f"[{part.labels.min()}, {part.labels.max()}]")
 
 
 # --- CIFAR -----------------------------------------------------------------------------------

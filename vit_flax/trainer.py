@@ -71,10 +71,7 @@ def check_data(config: ViTConfig, splits: data_lib.Splits) -> None:
         if part.images.shape[1:] != expected:
             raise data_lib.DataError(f"{name} images are {part.images.shape[1:]}, the config "
                                      f"expects {expected} (input_size, channels)")
-        if len(part) and (part.labels.min() < 0 or part.labels.max() >= config.num_classes):
-            raise data_lib.DataError(
-                f"{name} labels must be in [0, {config.num_classes}), got "
-                f"[{part.labels.min()}, {part.labels.max()}]")
+        data_lib.check_labels(part, config.num_classes, name)
     if len(splits.train) == 0:
         raise data_lib.DataError("the training set is empty")
 
@@ -156,9 +153,8 @@ def make_feed(dataset: data_lib.Dataset, mesh, on_device: bool | None = None):
 class Progress:
     """A tqdm bar with live loss and accuracy on a terminal; plain lines elsewhere."""
 
-    def __init__(self, epoch: int, epochs: int, total_steps: int, log: Callable[[str], None]):
+    def __init__(self, epoch: int, epochs: int, total_steps: int):
         self.bar = None
-        self.log = log
         if sys.stderr.isatty():
             from tqdm import tqdm
 
@@ -265,7 +261,7 @@ def train(config: ViTConfig, splits: data_lib.Splits, workdir: str | os.PathLike
     for epoch in range(1, config.epochs + 1):
         epoch_started = time.perf_counter()
         order = data_lib.epoch_order(len(train_set), config.seed, epoch)
-        progress = Progress(epoch, config.epochs, -(-len(order) // config.batch_size), log)
+        progress = Progress(epoch, config.epochs, -(-len(order) // config.batch_size))
         totals = steps.zero_totals()
         for i, batch in enumerate(train_feed.batches(order, config.batch_size)):
             previous = totals
