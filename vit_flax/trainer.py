@@ -163,7 +163,7 @@ class Progress:
         self.last_refresh = 0.0
 
     def update(self, done_steps: int, totals_so_far: steps.Metrics) -> None:
-        if self.bar is None or time.monotonic() - self.last_refresh < 0.5:
+        if self.bar is None or not done_steps or time.monotonic() - self.last_refresh < 0.5:
             return
         # totals of an earlier step, already computed or nearly: reading them keeps the
         # device busy with the steps queued behind.
