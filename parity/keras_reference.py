@@ -1,7 +1,10 @@
 """The seed's Keras model ("Image classification with Vision Transformer"), built from a
 `vit_flax.ViTConfig` instead of the seed's module-level hyperparameters.
 
-The layer code is the seed's, line for line; only the numbers come from the config.
+The layer code is the seed's, line for line; only the numbers come from the config (the
+seed's literal dropout rates 0.1 / 0.1 / 0.5 are config.attention_dropout / dropout /
+head_dropout), and Patches / PatchEncoder forward **kwargs (name, dtype) to keras Layer so
+that Keras can rebuild them from their own get_config.
 `random_layers=False` leaves RandomFlip/RandomRotation/RandomZoom out of the
 `data_augmentation` Sequential: the model every test of training math uses, where
 augmentation is either absent or injected at fixed parameters.

@@ -1,0 +1,49 @@
+"""Shared models for the parity tests.
+
+The seed-config Keras model (21.7M parameters) takes ~10 s to build on this CPU, so one is
+built per session and shared by the tests that only read it. Tests that train or write
+weights build their own, at the small config.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import parity
+from parity import keras_reference
+from parity.harness import random_images
+from vit_flax import ViT, ViTConfig
+
+# (test, what, worst difference, tolerance) of every `record` call: printed after the run,
+# so each `pytest parity` reports the figures its tolerances are judged against.
+MEASURED: list[tuple[str, str, float, float | str]] = []
+
+
+@pytest.fixture
+def record(request):
+    def record(what: str, worst: float, tolerance: float | str) -> None:
+        MEASURED.append((request.node.name, what, float(worst), tolerance))
+
+    return record
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not MEASURED:
+        return
+    terminalreporter.section("parity: worst differences measured")
+    for test, what, worst, tolerance in MEASURED:
+        bound = tolerance if isinstance(tolerance, str) else f"{tolerance:.1e}"
+        terminalreporter.write_line(f"{worst:10.3g}  (tolerance {bound})  {what}  [{test}]")
+
+
+@pytest.fixture(scope="session")
+def seed_models():
+    """(Keras model, vit_flax model) of the seed config with the same weights.
+
+    Normalization is adapted on random uint8 images (mean ~127.5, variance ~5,460), so the
+    statistics are not the identity and the forward pass sees CIFAR-like ranges.
+    """
+    config = ViTConfig()
+    keras_model = keras_reference.build_keras_vit(config, adapt_images=random_images(256, seed=7))
+    flax_model: ViT = parity.keras_to_flax(keras_model, config)
+    return keras_model, flax_model
