@@ -55,6 +55,10 @@ def parse_args(argv, defaults):
     add("--validation-split", type=float, default=defaults.validation_split)
     add("--train-examples", type=integer, default=None, help="use only the first N")
     add("--test-examples", type=integer, default=None, help="use only the first N")
+    add("--overwrite", action="store_true",
+        help="delete a run of another configuration found in --workdir (else: an error)")
+    add("--keep-checkpoints", type=integer, default=2,
+        help="how many epoch-end checkpoints to keep for resuming")
     add("--coordinator-address", default=None,
         help="several hosts: HOST:PORT of process 0 (starts jax.distributed)")
     add("--num-processes", type=integer, default=None, help="several hosts: how many")
@@ -65,6 +69,7 @@ def parse_args(argv, defaults):
 def main(argv=None) -> int:
     import vit_flax
     from vit_flax.data import DataError
+    from vit_flax.resume import Interrupted
 
     args = parse_args(argv, vit_flax.ViTConfig())
     try:
@@ -79,10 +84,17 @@ def main(argv=None) -> int:
         vit_flax.run(config, dataset=args.dataset, data_dir=args.data_dir, workdir=args.workdir,
                      train_examples=args.train_examples, test_examples=args.test_examples,
                      coordinator_address=args.coordinator_address,
-                     num_processes=args.num_processes, process_id=args.process_id)
+                     num_processes=args.num_processes, process_id=args.process_id,
+                     overwrite=args.overwrite, keep_checkpoints=args.keep_checkpoints)
     except (vit_flax.ConfigError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except FloatingPointError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except Interrupted as error:
+        print(f"interrupted: {error}", file=sys.stderr)
+        return 0
     return 0
 
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vit_flax import augment, parallel, plots, steps
+from vit_flax import augment, parallel, plots, resume, steps
 from vit_flax import data as data_lib
 from vit_flax.config import ConfigError, ViTConfig
 from vit_flax.inference import BEST_CHECKPOINT, CONFIG_FILE, restore_model, save_model
@@ -31,7 +31,8 @@ PACKAGES = ("vit_flax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "n
 def run(config: ViTConfig, *, dataset: str = "cifar100", data_dir: str | None = None,
         workdir: str = "workdir", train_examples: int | None = None,
         test_examples: int | None = None, coordinator_address: str | None = None,
-        num_processes: int | None = None, process_id: int | None = None) -> dict:
+        num_processes: int | None = None, process_id: int | None = None,
+        overwrite: bool = False, keep_checkpoints: int = 2) -> dict:
     """Load the named data set, then `train` on it. Everything train.py does.
 
     With `coordinator_address` (several hosts), JAX's distributed runtime is started first
@@ -46,7 +47,8 @@ def run(config: ViTConfig, *, dataset: str = "cifar100", data_dir: str | None = 
     splits = data_lib.load(dataset, data_dir, config.input_size)
     splits = data_lib.Splits(splits.train.take(train_examples),
                              splits.test and splits.test.take(test_examples), splits.class_names)
-    return train(config.replace(num_classes=splits.num_classes), splits, workdir)
+    return train(config.replace(num_classes=splits.num_classes), splits, workdir,
+                 overwrite=overwrite, keep_checkpoints=keep_checkpoints)
 
 
 def prepare_workdir(workdir: str | os.PathLike) -> Path:
@@ -213,7 +215,8 @@ def _line(prefix: str, metrics: dict[str, float]) -> str:
 
 def train(config: ViTConfig, splits: data_lib.Splits, workdir: str | os.PathLike,
           log: Callable[[str], None] = print, devices=None,
-          data_on_device: bool | None = None) -> dict:
+          data_on_device: bool | None = None, overwrite: bool = False,
+          keep_checkpoints: int = 2) -> dict:
     """Fit, keep the best weights by val_accuracy, evaluate them on the test split.
 
     Data-parallel over `devices` (default: all of them). The data lives on the devices
@@ -221,11 +224,18 @@ def train(config: ViTConfig, splits: data_lib.Splits, workdir: str | os.PathLike
     which case batches stream from the host. Writes config.json, history.json (every
     epoch), the best checkpoint, results.json and the figures into `workdir`; returns the
     contents of results.json.
+
+    Every epoch's end is checkpointed (the last `keep_checkpoints` kept); calling train
+    again on the same workdir resumes there and ends as the uninterrupted run would have.
+    A workdir holding another configuration's run is an error unless `overwrite`.
+    SIGTERM/SIGINT stop the run at the next step, keep the last epoch's checkpoint and raise
+    resume.Interrupted.
     """
     mesh = parallel.data_mesh(devices)
     parallel.check_batch_size(config.batch_size, mesh)
     check_data(config, splits)
     workdir = prepare_workdir(workdir)
+    resume.check_workdir_config(workdir, config, CONFIG_FILE, overwrite)
     if not _is_main_process():
         log = lambda _: None  # noqa: E731
     train_set, validation_set = data_lib.validation_split(splits.train, config.validation_split)
@@ -256,47 +266,78 @@ def train(config: ViTConfig, splits: data_lib.Splits, workdir: str | os.PathLike
         f"train step compiled in {compile_seconds:.1f}s")
     eval_step = steps.make_eval_step(graphdef, mesh)
 
-    history, best_accuracy, best_epoch = [], -np.inf, 0
-    _write_json(workdir / "history.json", history)
-    for epoch in range(1, config.epochs + 1):
-        epoch_started = time.perf_counter()
-        order = data_lib.epoch_order(len(train_set), config.seed, epoch)
-        progress = Progress(epoch, config.epochs, -(-len(order) // config.batch_size))
-        totals = steps.zero_totals()
-        for i, batch in enumerate(train_feed.batches(order, config.batch_size)):
-            previous = totals
-            state, totals = train_step(state, statistics, totals, *batch)
-            progress.update(i, previous)
-        train_metrics = steps.summarize(totals)  # Waits for the last step.
-        train_seconds = time.perf_counter() - epoch_started
-        progress.close()
+    checkpoints = resume.RunCheckpoints(workdir, keep_checkpoints)
+    restored = checkpoints.restore_latest(state)
+    run = resume.RunProgress()
+    if restored is not None:
+        state, run = restored
+        state = jax.device_put(state, parallel.replicated(mesh))
+        log(f"Resuming {workdir} after epoch {run.epoch}")
+    _write_json(workdir / "history.json", run.history)
+    with resume.StopSignals() as stop:
+        for epoch in range(run.epoch + 1, config.epochs + 1):
+            state, row = _train_epoch(config, epoch, state, statistics, train_step, eval_step,
+                                      train_feed, validation_feed, stop)
+            if row is None:
+                checkpoints.close()
+                raise resume.Interrupted(
+                    f"{stop.requested}: stopped in epoch {epoch}; {workdir} holds epoch "
+                    f"{run.epoch}: run the same command to resume")
+            run.history.append(row)
+            log(f"Epoch {epoch}/{config.epochs} - {row['epoch_seconds']:.1f}s - "
+                + _line("", {k: row[k] for k in steps.METRIC_NAMES})
+                + (" - " + _line("", {k: row[k] for k in row if k.startswith("val_")})
+                   if validation_feed is not None else ""))
+            if not np.isfinite(row["loss"]):
+                checkpoints.close()
+                raise FloatingPointError(
+                    f"the training loss of epoch {epoch} is {row['loss']}; {workdir} keeps "
+                    f"epoch {run.epoch}, the last finite one (lower --learning-rate?)")
+            # ModelCheckpoint(save_best_only=True): only a strict improvement saves. Without
+            # a validation set every epoch saves, so the last one is kept.
+            score = row.get("val_accuracy", np.inf)
+            if score > run.best_accuracy or validation_feed is None:
+                run.best_accuracy, run.best_epoch = score, epoch
+                save_model(workdir / BEST_CHECKPOINT,
+                           nnx.merge(graphdef, state.params, statistics))
+            run.epoch = epoch
+            checkpoints.save(state, run)
+            _write_json(workdir / "history.json", run.history)
+    checkpoints.close()
 
-        row = {"epoch": epoch, **train_metrics}
-        if validation_feed is not None:
-            validation = evaluate(eval_step, state.params, statistics, validation_feed,
-                                  config.batch_size)
-            row.update({f"val_{name}": value for name, value in validation.items()})
-        row["epoch_seconds"] = time.perf_counter() - epoch_started
-        row["images_per_second"] = len(train_set) / train_seconds
-        history.append(row)
-        _write_json(workdir / "history.json", history)
-        log(f"Epoch {epoch}/{config.epochs} - {row['epoch_seconds']:.1f}s - "
-            f"{_line('', train_metrics)}"
-            + (f" - {_line('val_', validation)}" if validation_feed is not None else ""))
-
-        # ModelCheckpoint(save_best_only=True): only a strict improvement saves. Without a
-        # validation set every epoch saves, so the last one is kept.
-        score = row.get("val_accuracy", np.inf)
-        if score > best_accuracy or validation_feed is None:
-            best_accuracy, best_epoch = score, epoch
-            save_model(workdir / BEST_CHECKPOINT, nnx.merge(graphdef, state.params, statistics))
-
-    results = _finish(config, splits, workdir, history, best_epoch, eval_step, mesh,
+    results = _finish(config, splits, workdir, run.history, run.best_epoch, eval_step, mesh,
                       data_on_device, log)
     results.update(compile_seconds=compile_seconds, train_examples=len(train_set),
                    validation_examples=len(validation_set))
     _write_json(workdir / "results.json", results)
     return results
+
+
+def _train_epoch(config, epoch, state, statistics, train_step, eval_step, train_feed,
+                 validation_feed, stop):
+    """One epoch of training and validation: (state, history row), or (state, None) when a
+    stop signal arrived during it (the partial epoch is abandoned)."""
+    started = time.perf_counter()
+    order = data_lib.epoch_order(train_feed.size, config.seed, epoch)
+    progress = Progress(epoch, config.epochs, -(-len(order) // config.batch_size))
+    totals = steps.zero_totals()
+    for i, batch in enumerate(train_feed.batches(order, config.batch_size)):
+        if stop.requested:
+            progress.close()
+            return state, None
+        previous = totals
+        state, totals = train_step(state, statistics, totals, *batch)
+        progress.update(i, previous)
+    row = {"epoch": epoch, **steps.summarize(totals)}  # Waits for the last step.
+    train_seconds = time.perf_counter() - started
+    progress.close()
+    if validation_feed is not None:
+        validation = evaluate(eval_step, state.params, statistics, validation_feed,
+                              config.batch_size)
+        row.update({f"val_{name}": value for name, value in validation.items()})
+    row["epoch_seconds"] = time.perf_counter() - started
+    row["images_per_second"] = train_feed.size / train_seconds
+    return state, row
 
 
 def _finish(config, splits, workdir: Path, history, best_epoch: int, eval_step, mesh,
