@@ -59,6 +59,8 @@ def parse_args(argv, defaults):
         help="delete a run of another configuration found in --workdir (else: an error)")
     add("--keep-checkpoints", type=integer, default=2,
         help="how many epoch-end checkpoints to keep for resuming")
+    add("--log-every", type=integer, default=0,
+        help="also log the running training loss to TensorBoard every N steps (0: epochs only)")
     add("--coordinator-address", default=None,
         help="several hosts: HOST:PORT of process 0 (starts jax.distributed)")
     add("--num-processes", type=integer, default=None, help="several hosts: how many")
@@ -85,7 +87,8 @@ def main(argv=None) -> int:
                      train_examples=args.train_examples, test_examples=args.test_examples,
                      coordinator_address=args.coordinator_address,
                      num_processes=args.num_processes, process_id=args.process_id,
-                     overwrite=args.overwrite, keep_checkpoints=args.keep_checkpoints)
+                     overwrite=args.overwrite, keep_checkpoints=args.keep_checkpoints,
+                     log_every=args.log_every)
     except (vit_flax.ConfigError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

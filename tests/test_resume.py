@@ -119,7 +119,43 @@ def test_a_workdir_of_another_config_is_refused_unless_overwrite(tmp_path):
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_epoch(tmp_path):
     config = vit_flax.ViTConfig(**TINY, epochs=3, learning_rate=1e30)
-    with pytest.raises(FloatingPointError, match="loss of epoch 1 is nan.*keeps epoch 0"):
+    with pytest.raises(FloatingPointError,
+                       match=r"non-finite at step \d+ \(epoch 1\).*keeps epoch 0"):
         vit_flax.train(config, small_problem(), tmp_path, log=lambda _: None)
     assert not (tmp_path / "run_state").exists() or \
         not any((tmp_path / "run_state").iterdir())
+
+
+def read_scalars(directory: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of the TensorBoard event files in `directory` (TFRecord framing:
+    length, its CRC, an Event protobuf, its CRC)."""
+    from tensorboardX.proto import event_pb2
+
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(directory.iterdir()):
+        payload = path.read_bytes()
+        offset = 0
+        while offset < len(payload):
+            length = int.from_bytes(payload[offset:offset + 8], "little")
+            event = event_pb2.Event.FromString(payload[offset + 12:offset + 12 + length])
+            offset += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
+
+
+def test_tensorboard_events_per_epoch_and_per_step(tmp_path):
+    config = vit_flax.ViTConfig(**TINY, epochs=2)
+    vit_flax.train(config, small_problem(), tmp_path, log=lambda _: None, log_every=2)
+    scalars = read_scalars(tmp_path / "tensorboard")
+    history = json.loads((tmp_path / "history.json").read_text())
+    for split, prefix in (("train", ""), ("validation", "val_")):
+        for metric in ("loss", "accuracy", "top-5-accuracy"):
+            logged = scalars[f"{split}/{metric}"]
+            assert [step for step, _ in logged] == [1, 2]
+            np.testing.assert_allclose([value for _, value in logged],
+                                       [row[prefix + metric] for row in history], rtol=1e-6)
+    assert [value for _, value in scalars["train/learning_rate"]] == pytest.approx([1e-3] * 2)
+    assert len(scalars["train/epoch_seconds"]) == 2
+    # 43 training examples at batch 8: 6 steps an epoch, logged at steps 2 and 4 of each.
+    assert [step for step, _ in scalars["step/loss"]] == [2, 4, 8, 10]

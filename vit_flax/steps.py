@@ -30,7 +30,10 @@ class TrainState(struct.PyTreeNode):
 
 
 def zero_totals() -> Metrics:
-    return {name: jnp.zeros((), jnp.float32) for name in (*METRIC_NAMES, "count")}
+    totals = {name: jnp.zeros((), jnp.float32) for name in (*METRIC_NAMES, "count")}
+    # The run's step number of the first non-finite loss among these totals; -1: none.
+    totals["first_nonfinite_step"] = jnp.full((), -1.0, jnp.float32)
+    return totals
 
 
 def summarize(totals: Metrics) -> dict[str, float]:
@@ -64,7 +67,7 @@ def _gather(images: jax.Array, labels: jax.Array, batch_index: jax.Array, mesh: 
 def _add(totals: Metrics, per_example: Metrics, mask: jax.Array) -> Metrics:
     sums = {name: jnp.sum(value * mask) for name, value in per_example.items()}
     sums["count"] = jnp.sum(mask)
-    return {name: totals[name] + sums[name] for name in totals}
+    return {**totals, **{name: totals[name] + sums[name] for name in sums}}
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
@@ -89,11 +92,15 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
             loss = jnp.sum(per_example["loss"] * mask) / jnp.sum(mask)
             return loss, per_example
 
-        grads, per_example = jax.grad(loss_fn, has_aux=True)(state.params)
+        (loss, per_example), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-        return new_state, _add(totals, per_example, mask)
+        totals = _add(totals, per_example, mask)
+        first_bad = totals["first_nonfinite_step"]
+        totals["first_nonfinite_step"] = jnp.where(
+            (first_bad < 0) & ~jnp.isfinite(loss), new_state.step.astype(jnp.float32), first_bad)
+        return new_state, totals
 
     # totals are not donated: the progress bar reads the previous step's while this one runs.
     return jax.jit(train_step, donate_argnums=0)

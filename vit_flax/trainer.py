@@ -4,6 +4,7 @@ val_accuracy, evaluate them on the test split. `run` is what train.py calls."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import importlib.metadata
 import json
 import os
@@ -32,7 +33,7 @@ def run(config: ViTConfig, *, dataset: str = "cifar100", data_dir: str | None = 
         workdir: str = "workdir", train_examples: int | None = None,
         test_examples: int | None = None, coordinator_address: str | None = None,
         num_processes: int | None = None, process_id: int | None = None,
-        overwrite: bool = False, keep_checkpoints: int = 2) -> dict:
+        overwrite: bool = False, keep_checkpoints: int = 2, log_every: int = 0) -> dict:
     """Load the named data set, then `train` on it. Everything train.py does.
 
     With `coordinator_address` (several hosts), JAX's distributed runtime is started first
@@ -48,7 +49,7 @@ def run(config: ViTConfig, *, dataset: str = "cifar100", data_dir: str | None = 
     splits = data_lib.Splits(splits.train.take(train_examples),
                              splits.test and splits.test.take(test_examples), splits.class_names)
     return train(config.replace(num_classes=splits.num_classes), splits, workdir,
-                 overwrite=overwrite, keep_checkpoints=keep_checkpoints)
+                 overwrite=overwrite, keep_checkpoints=keep_checkpoints, log_every=log_every)
 
 
 def prepare_workdir(workdir: str | os.PathLike) -> Path:
@@ -152,6 +153,44 @@ def make_feed(dataset: data_lib.Dataset, mesh, on_device: bool | None = None):
     return DeviceFeed(dataset, mesh) if on_device else HostFeed(dataset, mesh)
 
 
+class EventLog:
+    """TensorBoard event files (tensorboardX) in workdir/tensorboard, beside history.json:
+    per epoch the train and validation metrics, the learning rate and the epoch time; per
+    step (with --log-every) the running training loss and accuracy. Process 0 only."""
+
+    def __init__(self, workdir: Path, config: ViTConfig):
+        self.config = config
+        self.writer = None
+        if _is_main_process():
+            from tensorboardX import SummaryWriter
+
+            self.writer = SummaryWriter(str(workdir / "tensorboard"))
+
+    def epoch(self, row: dict) -> None:
+        if self.writer is None:
+            return
+        for name, value in row.items():
+            if name != "epoch":
+                split, metric = ("validation", name[4:]) if name.startswith("val_") \
+                    else ("train", name)
+                self.writer.add_scalar(f"{split}/{metric}", value, row["epoch"])
+        self.writer.add_scalar("train/learning_rate", self.config.learning_rate, row["epoch"])
+        self.writer.flush()
+
+    def step(self, step: int, means: dict[str, float]) -> None:
+        if self.writer is not None:
+            for name, value in means.items():
+                self.writer.add_scalar(f"step/{name}", value, step)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.writer is not None:
+            self.writer.close()
+        return False
+
+
 class Progress:
     """A tqdm bar with live loss and accuracy on a terminal; plain lines elsewhere."""
 
@@ -216,7 +255,7 @@ def _line(prefix: str, metrics: dict[str, float]) -> str:
 def train(config: ViTConfig, splits: data_lib.Splits, workdir: str | os.PathLike,
           log: Callable[[str], None] = print, devices=None,
           data_on_device: bool | None = None, overwrite: bool = False,
-          keep_checkpoints: int = 2) -> dict:
+          keep_checkpoints: int = 2, log_every: int = 0) -> dict:
     """Fit, keep the best weights by val_accuracy, evaluate them on the test split.
 
     Data-parallel over `devices` (default: all of them). The data lives on the devices
@@ -229,8 +268,11 @@ def train(config: ViTConfig, splits: data_lib.Splits, workdir: str | os.PathLike
     again on the same workdir resumes there and ends as the uninterrupted run would have.
     A workdir holding another configuration's run is an error unless `overwrite`.
     SIGTERM/SIGINT stop the run at the next step, keep the last epoch's checkpoint and raise
-    resume.Interrupted.
+    resume.Interrupted. TensorBoard events go to workdir/tensorboard (every epoch, and every
+    `log_every` steps when > 0).
     """
+    if log_every < 0:
+        raise ConfigError(f"--log-every must be >= 0, got {log_every}")
     mesh = parallel.data_mesh(devices)
     parallel.check_batch_size(config.batch_size, mesh)
     check_data(config, splits)
@@ -274,25 +316,27 @@ def train(config: ViTConfig, splits: data_lib.Splits, workdir: str | os.PathLike
         state = jax.device_put(state, parallel.replicated(mesh))
         log(f"Resuming {workdir} after epoch {run.epoch}")
     _write_json(workdir / "history.json", run.history)
-    with resume.StopSignals() as stop:
+    with resume.StopSignals() as stop, contextlib.closing(checkpoints), \
+            EventLog(workdir, config) as events:
         for epoch in range(run.epoch + 1, config.epochs + 1):
             state, row = _train_epoch(config, epoch, state, statistics, train_step, eval_step,
-                                      train_feed, validation_feed, stop)
+                                      train_feed, validation_feed, stop, events, log_every)
             if row is None:
-                checkpoints.close()
                 raise resume.Interrupted(
                     f"{stop.requested}: stopped in epoch {epoch}; {workdir} holds epoch "
                     f"{run.epoch}: run the same command to resume")
+            bad_step = row.pop("first_nonfinite_step")
+            if bad_step >= 0:
+                raise FloatingPointError(
+                    f"the training loss became non-finite at step {int(bad_step)} (epoch "
+                    f"{epoch}); {workdir} keeps epoch {run.epoch}, the last finite one "
+                    f"(lower --learning-rate?)")
             run.history.append(row)
+            events.epoch(row)
             log(f"Epoch {epoch}/{config.epochs} - {row['epoch_seconds']:.1f}s - "
                 + _line("", {k: row[k] for k in steps.METRIC_NAMES})
                 + (" - " + _line("", {k: row[k] for k in row if k.startswith("val_")})
                    if validation_feed is not None else ""))
-            if not np.isfinite(row["loss"]):
-                checkpoints.close()
-                raise FloatingPointError(
-                    f"the training loss of epoch {epoch} is {row['loss']}; {workdir} keeps "
-                    f"epoch {run.epoch}, the last finite one (lower --learning-rate?)")
             # ModelCheckpoint(save_best_only=True): only a strict improvement saves. Without
             # a validation set every epoch saves, so the last one is kept.
             score = row.get("val_accuracy", np.inf)
@@ -303,7 +347,6 @@ def train(config: ViTConfig, splits: data_lib.Splits, workdir: str | os.PathLike
             run.epoch = epoch
             checkpoints.save(state, run)
             _write_json(workdir / "history.json", run.history)
-    checkpoints.close()
 
     results = _finish(config, splits, workdir, run.history, run.best_epoch, eval_step, mesh,
                       data_on_device, log)
@@ -314,7 +357,7 @@ def train(config: ViTConfig, splits: data_lib.Splits, workdir: str | os.PathLike
 
 
 def _train_epoch(config, epoch, state, statistics, train_step, eval_step, train_feed,
-                 validation_feed, stop):
+                 validation_feed, stop, events, log_every):
     """One epoch of training and validation: (state, history row), or (state, None) when a
     stop signal arrived during it (the partial epoch is abandoned)."""
     started = time.perf_counter()
@@ -328,7 +371,10 @@ def _train_epoch(config, epoch, state, statistics, train_step, eval_step, train_
         previous = totals
         state, totals = train_step(state, statistics, totals, *batch)
         progress.update(i, previous)
-    row = {"epoch": epoch, **steps.summarize(totals)}  # Waits for the last step.
+        if log_every and i and i % log_every == 0:  # Running means up to the step before.
+            events.step(int(state.step) - 1, steps.summarize(previous))
+    row = {"epoch": epoch, **steps.summarize(totals),  # Waits for the last step.
+           "first_nonfinite_step": float(totals["first_nonfinite_step"])}
     train_seconds = time.perf_counter() - started
     progress.close()
     if validation_feed is not None:
