@@ -200,14 +200,21 @@ def read_cifar_archive(path: Path, name: str) -> Splits:
 
 def _read_tfds(name: str, data_dir: Path | None) -> Splits | None:
     """CIFAR from a prepared TFDS copy (ArrayRecord), or None when there is none."""
+    import logging
+
     import tensorflow_datasets as tfds  # Imported here: it is slow to import and optional.
 
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)  # "no dataset_info.json" is expected when absent.
     try:
         sources = {split: tfds.data_source(name, split=split, download=False,
                                            data_dir=None if data_dir is None else str(data_dir))
                    for split in ("train", "test")}
     except Exception:  # noqa: BLE001 - TFDS raises many kinds for "not prepared here".
         return None
+    finally:
+        absl_logger.setLevel(level)
 
     def to_arrays(source):
         records = [source[i] for i in range(len(source))]
@@ -299,6 +306,8 @@ def load_folder(data_dir: str | os.PathLike, input_size: int = 32) -> Splits:
     """
     root = Path(data_dir).expanduser()
     train_root = root / "train"
+    if not root.is_dir():
+        raise DataError(f"--data-dir {root} does not exist")
     if not train_root.is_dir():
         raise DataError(f"--data-dir {root} must contain train/<class>/ folders of images")
     class_names = tuple(sorted(p.name for p in train_root.iterdir() if p.is_dir()))
