@@ -109,7 +109,7 @@ def build_keras_vit(config: ViTConfig, adapt_images: np.ndarray | None = None,
     if config.head != "flatten":
         raise ValueError(f"the seed's Keras model flattens the tokens; head={config.head!r} "
                          f"has no Keras reference")
-    input_shape = (config.input_size, config.input_size, config.channels)
+    input_shape = config.input_shape
     data_augmentation = build_data_augmentation(config, adapt_images, random_layers)
 
     inputs = keras.Input(shape=input_shape)

@@ -91,6 +91,11 @@ class ViTConfig:
             raise ConfigError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
 
     @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """(height, width, channels) of one image the model receives."""
+        return (self.input_size, self.input_size, self.channels)
+
+    @property
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
 

@@ -31,7 +31,7 @@ def predict(model: ViT, images, batch_size: int = 256) -> np.ndarray:
     """
     images = np.asarray(images)
     config = model.config
-    expected = (config.input_size, config.input_size, config.channels)
+    expected = config.input_shape
     if images.ndim != 4 or images.shape[1:] != expected:
         raise ValueError(f"predict expects images of shape (N, {', '.join(map(str, expected))}),"
                          f" got {images.shape}")

@@ -225,7 +225,7 @@ class ViT(nnx.Module):
 
     def __call__(self, images: jax.Array, *, train: bool = False,
                  rngs: nnx.Rngs | None = None) -> jax.Array:
-        expected = (self.config.input_size, self.config.input_size, self.config.channels)
+        expected = self.config.input_shape
         if images.ndim != 4 or images.shape[1:] != expected:
             raise ValueError(f"ViT expects images of shape (batch, "
                              f"{', '.join(map(str, expected))}), got {images.shape}")

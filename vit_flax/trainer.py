@@ -67,7 +67,7 @@ def prepare_workdir(workdir: str | os.PathLike) -> Path:
 
 
 def check_data(config: ViTConfig, splits: data_lib.Splits) -> None:
-    expected = (config.input_size, config.input_size, config.channels)
+    expected = config.input_shape
     for name, part in (("train", splits.train), ("test", splits.test)):
         if part is None:
             continue
