@@ -32,6 +32,8 @@ def parse_args(argv, defaults):
     add = parser.add_argument
     add("--epochs", type=integer, default=defaults.epochs)
     add("--batch-size", type=integer, default=defaults.batch_size)
+    add("--microbatch-size", type=integer, default=defaults.microbatch_size,
+        help="examples per forward/backward pass; one optimizer step per batch either way")
     add("--learning-rate", type=float, default=defaults.learning_rate)
     add("--weight-decay", type=float, default=defaults.weight_decay)
     add("--input-size", type=integer, default=defaults.input_size,
@@ -82,6 +84,7 @@ def main(argv=None) -> int:
             projection_dim=args.projection_dim, num_heads=args.num_heads,
             transformer_layers=args.transformer_layers, mlp_head_units=args.mlp_head_units,
             head=args.head, dtype=args.dtype, seed=args.seed,
+            microbatch_size=args.microbatch_size,
             validation_split=args.validation_split)
         vit_flax.run(config, dataset=args.dataset, data_dir=args.data_dir, workdir=args.workdir,
                      train_examples=args.train_examples, test_examples=args.test_examples,

@@ -57,9 +57,8 @@ def vit_flax_parts(batch_size: int) -> dict[str, float]:
         return nnx.merge(graphdef, params, statistics)(x)
 
     tx = keras_adamw(config.learning_rate, config.weight_decay)
-    state = {"s": steps_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                                       opt_state=tx.init(params), rng=key)}
-    train_step = steps_lib.make_train_step(graphdef, tx)
+    state = {"s": steps_lib.TrainState.create(params, tx, config)}
+    train_step = steps_lib.make_train_step(graphdef, tx, microbatch_size=config.microbatch_size)
     row = jnp.arange(batch_size, dtype=jnp.int32)
 
     def step():

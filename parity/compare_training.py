@@ -31,7 +31,6 @@ import time  # noqa: E402
 from collections import defaultdict  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -102,10 +101,8 @@ def train_flax(model: ViT, config: ViTConfig, train, validation) -> list[dict]:
     """vit_flax's train step over seeded epoch orders (the loop of vit_flax.trainer)."""
     graphdef, params, statistics = steps.split_model(model)
     tx = keras_adamw(config.learning_rate, config.weight_decay)
-    state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                             opt_state=tx.init(params),
-                             rng=jax.random.fold_in(jax.random.key(config.seed), 1))
-    train_step = steps.make_train_step(graphdef, tx)
+    state = steps.TrainState.create(params, tx, config)
+    train_step = steps.make_train_step(graphdef, tx, microbatch_size=config.microbatch_size)
     eval_step = steps.make_eval_step(graphdef)
     train_arrays = (jnp.asarray(train.images), jnp.asarray(train.labels))
     validation_arrays = (jnp.asarray(validation.images), jnp.asarray(validation.labels))

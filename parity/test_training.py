@@ -28,8 +28,7 @@ from vit_flax.optim import keras_adamw
 def run_flax_steps(flax_model, tx, images, labels, count: int):
     """`count` calls of vit_flax's train step on one fixed batch: (final state, losses)."""
     graphdef, params, statistics = steps.split_model(flax_model)
-    state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                             opt_state=tx.init(params), rng=jax.random.key(0))
+    state = steps.TrainState.create(params, tx, flax_model.config)
     train_step = steps.make_train_step(graphdef, tx)
     batch = jnp.arange(len(images), dtype=jnp.int32)
     losses = []

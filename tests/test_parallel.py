@@ -37,7 +37,8 @@ FOUR_DEVICES = textwrap.dedent("""
                          devices=jax.devices()[:1])
     four = vit_flax.train(config, splits, sys.argv[2] + "/four", log=quiet)
     try:
-        vit_flax.train(config.replace(batch_size=6), splits, sys.argv[2] + "/bad", log=quiet)
+        vit_flax.train(config.replace(batch_size=6, microbatch_size=6), splits,
+                       sys.argv[2] + "/bad", log=quiet)
     except vit_flax.ConfigError as error:
         message = str(error)
     print(json.dumps({"one": one["devices"], "four": four["devices"], "error": message}))
@@ -45,7 +46,8 @@ FOUR_DEVICES = textwrap.dedent("""
 
 
 def test_four_devices_train_like_one(tmp_path):
-    config = dict(TINY, epochs=3)
+    # Micro-batches of 4 in batches of 8: each of the 4 devices gets one row of each.
+    config = dict(TINY, epochs=3, microbatch_size=4)
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
                JAX_PLATFORMS="cpu")
     completed = subprocess.run([sys.executable, "-c", FOUR_DEVICES, json.dumps(config),
@@ -74,8 +76,7 @@ def test_step_loop_makes_no_host_transfers():
     model = build_model(config, images)
     graphdef, params, statistics = steps.split_model(model)
     tx = keras_adamw(config.learning_rate, config.weight_decay)
-    state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                             opt_state=tx.init(params), rng=jax.random.key(0))
+    state = steps.TrainState.create(params, tx, config)
     state, statistics = jax.device_put((state, statistics), parallel.replicated(mesh))
     arrays = to_device(data.Dataset(images, labels), mesh)
     train_step = steps.make_train_step(graphdef, tx, mesh)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -34,21 +35,21 @@ def test_epoch_metrics_are_sample_weighted():
     assert steps.summarize(totals) == {"loss": 3.0, "accuracy": 0.3, "top-5-accuracy": 0.9}
 
 
-def deterministic_setup(config, count):
+def deterministic_setup(config, count, microbatch_size=None, tx=None):
     """Dropout off and mirror-symmetric images with zero rotation and zoom ranges: the
     augmentation is then an exact identity and a train step is a deterministic function."""
     config = config.replace(attention_dropout=0.0, dropout=0.0, head_dropout=0.0,
-                            rotation_factor=0.0, zoom_factor=0.0)
+                            rotation_factor=0.0, zoom_factor=0.0,
+                            microbatch_size=microbatch_size or config.batch_size)
     half = np.random.default_rng(0).integers(0, 256, (count, 8, 4, 3), dtype=np.uint8)
     images = np.concatenate([half, half[:, :, ::-1]], axis=2)
     labels = np.arange(count, dtype=np.int32) % config.num_classes
     model = build_model(config, images)
     graphdef, params, statistics = steps.split_model(model)
-    tx = keras_adamw(config.learning_rate, config.weight_decay)
-    state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                             opt_state=tx.init(params), rng=jax.random.key(0))
-    return steps.make_train_step(graphdef, tx), state, statistics, jnp.asarray(images), \
-        jnp.asarray(labels)
+    tx = tx or keras_adamw(config.learning_rate, config.weight_decay)
+    state = steps.TrainState.create(params, tx, config)
+    return steps.make_train_step(graphdef, tx, microbatch_size=config.microbatch_size), state, \
+        statistics, jnp.asarray(images), jnp.asarray(labels)
 
 
 def test_padding_of_the_last_batch_changes_nothing(tiny_config):
@@ -70,6 +71,29 @@ def test_padding_of_the_last_batch_changes_nothing(tiny_config):
     for padded, exact in zip(jax.tree.leaves(padded_state.params),
                              jax.tree.leaves(exact_state.params), strict=True):
         np.testing.assert_allclose(padded, exact, atol=1e-5)
+
+
+@pytest.mark.parametrize("microbatch_size", [4, 2, 1])
+def test_micro_batches_give_the_whole_batch_update(tiny_config, microbatch_size):
+    # Five real examples and three pads in a batch of 8, in micro-batches of 4 (3 + 2 real
+    # examples), 2 (2 + 1 + 1 + 1) or 1 (three of pads only). Plain SGD with lr 1 (Adam
+    # would hide a wrongly scaled gradient): the step must be minus the mean gradient over
+    # the five, as in one pass, up to float32 round-off of the same sums in another order.
+    batch = jnp.array([0, 1, 2, 3, 4, -1, -1, -1])
+    sgd = optax.sgd(1.0)
+    step, state, statistics, images, labels = deterministic_setup(tiny_config, 5, tx=sgd)
+    whole_state, whole_totals = step(state, statistics, steps.zero_totals(), images, labels,
+                                     batch)
+    step, state, statistics, images, labels = deterministic_setup(tiny_config, 5,
+                                                                  microbatch_size, sgd)
+    micro_state, micro_totals = step(state, statistics, steps.zero_totals(), images, labels,
+                                     batch)
+    assert float(micro_totals["count"]) == 5.0
+    for name in steps.METRIC_NAMES:
+        np.testing.assert_allclose(micro_totals[name], whole_totals[name], rtol=1e-6)
+    for micro, whole in zip(jax.tree.leaves(micro_state.params),
+                            jax.tree.leaves(whole_state.params), strict=True):
+        np.testing.assert_allclose(micro, whole, atol=1e-5)
 
 
 def test_train_step_donates_and_advances(tiny_config):
@@ -155,3 +179,19 @@ def test_the_optimizer_sees_only_parameters(tiny_config):
         sum(leaf.size for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)))
     # What is left out of training: Normalization's mean (3), variance (3) and count.
     assert sorted(leaf.size for leaf in jax.tree.leaves(statistics)) == [1, 3, 3]
+
+
+def test_unrolled_threefry_hash_keeps_its_known_answers():
+    from jax.extend.random import threefry_2x32
+
+    assert steps.unroll_threefry_on_cpu()
+    hash_pair = jax.jit(lambda key, count: threefry_2x32(key, count))
+    # Threefry-2x32 (20 rounds) known-answer vectors of Random123, as in JAX's own tests.
+    known = {(0, 0, 0, 0): (0x6B200159, 0x99BA4EFE),
+             (2**32 - 1,) * 4: (0x1CB996FC, 0xBB002BE7),
+             (0x13198A2E, 0x03707344, 0x243F6A88, 0x85A308D3): (0xC4923A9C, 0x483DF7A0)}
+    for (*key, c0, c1), expected in known.items():
+        key, count = np.uint32(key), np.uint32([c0, c1])
+        assert tuple(int(x) for x in hash_pair(key, count)) == expected
+        if jax.default_backend() == "cpu":  # The rounds are written out: no loop left.
+            assert "while" not in hash_pair.lower(key, count).as_text()

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from vit_flax.config import ConfigError
+from vit_flax.config import ConfigError, ViTConfig
 
 DATA_AXIS = "data"
 
@@ -30,8 +30,11 @@ def batch_sharded(mesh: Mesh, leading_axes: int = 0) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(*([None] * leading_axes), DATA_AXIS))
 
 
-def check_batch_size(batch_size: int, mesh: Mesh) -> None:
-    if batch_size % mesh.size:
-        fitting = max(batch_size // mesh.size, 1) * mesh.size
-        raise ConfigError(f"Batch size ({batch_size}) must be divisible by the number of "
-                          f"devices ({mesh.size}); e.g. --batch-size {fitting}")
+def check_batch_size(config: ViTConfig, mesh: Mesh) -> None:
+    """Every pass (the batch, or each micro-batch) must split evenly across the devices."""
+    for name, size, flag in (("Batch size", config.batch_size, "--batch-size"),
+                             ("Micro-batch size", config.pass_size, "--microbatch-size")):
+        if size % mesh.size:
+            fitting = max(size // mesh.size, 1) * mesh.size
+            raise ConfigError(f"{name} ({size}) must be divisible by the number of devices "
+                              f"({mesh.size}); e.g. {flag} {fitting}")

@@ -89,7 +89,8 @@ class RunCheckpoints:
         saved = restored["state"]
         state = template_state.replace(
             step=saved["step"], params=saved["params"], opt_state=saved["opt_state"],
-            rng=jax.random.wrap_key_data(saved["rng"]))
+            rng=jax.random.wrap_key_data(saved["rng"],
+                                         impl=jax.random.key_impl(template_state.rng)))
         return state, RunProgress(**meta)
 
     def close(self) -> None:

@@ -274,7 +274,7 @@ def train(config: ViTConfig, splits: data_lib.Splits, workdir: str | os.PathLike
     if log_every < 0:
         raise ConfigError(f"--log-every must be >= 0, got {log_every}")
     mesh = parallel.data_mesh(devices)
-    parallel.check_batch_size(config.batch_size, mesh)
+    parallel.check_batch_size(config, mesh)
     check_data(config, splits)
     workdir = prepare_workdir(workdir)
     resume.check_workdir_config(workdir, config, CONFIG_FILE, overwrite)
@@ -289,9 +289,7 @@ def train(config: ViTConfig, splits: data_lib.Splits, workdir: str | os.PathLike
 
     graphdef, params, statistics = steps.split_model(model)
     tx = keras_adamw(config.learning_rate, config.weight_decay)
-    state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                             opt_state=tx.init(params),
-                             rng=jax.random.fold_in(jax.random.key(config.seed), 1))
+    state = steps.TrainState.create(params, tx, config)
     state, statistics = jax.device_put((state, statistics), parallel.replicated(mesh))
     train_feed = make_feed(train_set, mesh, data_on_device)
     validation_feed = make_feed(validation_set, mesh, data_on_device) \
@@ -299,7 +297,7 @@ def train(config: ViTConfig, splits: data_lib.Splits, workdir: str | os.PathLike
 
     started = time.perf_counter()
     example = next(train_feed.batches(np.zeros(config.batch_size, np.int32), config.batch_size))
-    train_step = steps.make_train_step(graphdef, tx, mesh).lower(
+    train_step = steps.make_train_step(graphdef, tx, mesh, config.microbatch_size).lower(
         state, statistics, steps.zero_totals(), *example).compile()
     compile_seconds = time.perf_counter() - started
     log(f"Training on {len(train_set)} images, validating on {len(validation_set)}, "
