@@ -10,7 +10,7 @@ from conftest import random_images
 from flax import nnx
 
 import vit_flax
-from vit_flax.model import NormalizationStatistic, ViT, patches
+from vit_flax.model import NormalizationStatistic, ViT, dropout, dropout_masks, patches
 
 
 def count(model, kind) -> int:
@@ -86,6 +86,23 @@ def test_logits_shape_and_modes(tiny_config, head):
     np.testing.assert_array_equal(train_a, train_b)  # The keys decide all randomness.
     assert not np.allclose(train_a, train_c)
     assert not np.allclose(train_a, logits)
+
+
+def test_dropout_keeps_each_element_with_probability_one_minus_rate():
+    specs = [((200, 50), 0.1), ((100, 100), 0.5), ((7,), 0.0), ((10_000,), 0.5)]
+    tenth, half, none, other_half = dropout_masks(nnx.Rngs(dropout=0), True, specs)
+    assert none is None and tenth.shape == (200, 50) and tenth.dtype == jnp.bool_
+    # 10,000 independent draws each: the kept fraction within 5 standard deviations.
+    for mask, rate in ((tenth, 0.1), (half, 0.5), (other_half, 0.5)):
+        assert abs(float(mask.mean()) - (1 - rate)) < 5 * np.sqrt(rate * (1 - rate) / 1e4)
+    # Two masks of one draw are different bits: they agree on ~half of their elements.
+    agreement = float(jnp.mean(half.reshape(-1) == other_half))
+    assert abs(agreement - 0.5) < 5 * np.sqrt(0.25 / 1e4)
+    # Kept elements are scaled by 1 / (1 - rate), as keras.layers.Dropout does.
+    dropped = np.asarray(dropout(jnp.ones((200, 50)), 0.1, tenth))
+    np.testing.assert_allclose(np.unique(dropped), [0.0, 1 / 0.9], rtol=1e-7)
+    assert all(mask is None for mask in dropout_masks(None, False, specs))
+    np.testing.assert_array_equal(dropout(jnp.ones(3), 0.5, None), jnp.ones(3))
 
 
 def test_model_rejects_wrong_inputs(tiny_config):
