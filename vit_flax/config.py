@@ -78,7 +78,8 @@ class ViTConfig:
             raise ConfigError(
                 f"batch_size ({self.batch_size}) must be a multiple of microbatch_size "
                 f"({self.microbatch_size}); e.g. --microbatch-size "
-                f"{math.gcd(self.batch_size, self.microbatch_size)}, or --microbatch-size "
+                f"{max(d for d in range(1, self.pass_size + 1) if self.batch_size % d == 0)}"
+                f", or --microbatch-size "
                 f"{self.batch_size} for one pass")
         if not self.mlp_head_units or any(u <= 0 for u in self.mlp_head_units):
             raise ConfigError(
