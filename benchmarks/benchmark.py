@@ -75,14 +75,14 @@ def run_vit_flax(batch_size: int, steps: int, one_pass: bool) -> dict:
 
     import vit_flax
     from vit_flax import steps as steps_lib
+    from vit_flax.model import create_model
     from vit_flax.optim import keras_adamw
-    from vit_flax.trainer import build_model
 
     images, labels = random_batch(batch_size)
     config = vit_flax.ViTConfig(batch_size=batch_size)
     if one_pass:
         config = config.replace(microbatch_size=batch_size)
-    graphdef, params, statistics = steps_lib.split_model(build_model(config, images))
+    graphdef, params, statistics = steps_lib.split_model(create_model(config, images))
     tx = keras_adamw(config.learning_rate, config.weight_decay)
     state = steps_lib.TrainState.create(params, tx, config)
     data = jax.device_put((images, labels))

@@ -37,12 +37,12 @@ def vit_flax_parts(batch_size: int) -> dict[str, float]:
     import vit_flax
     from vit_flax import augment
     from vit_flax import steps as steps_lib
+    from vit_flax.model import create_model
     from vit_flax.optim import keras_adamw
-    from vit_flax.trainer import build_model
 
     images, labels = random_batch(batch_size)
     config = vit_flax.ViTConfig(batch_size=batch_size)
-    model = build_model(config, images)
+    model = create_model(config, images)
     graphdef, params, statistics = steps_lib.split_model(model)
     data = jax.device_put((images, labels))
     key = jax.random.key(0)

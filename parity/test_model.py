@@ -15,7 +15,8 @@ import keras
 import numpy as np
 
 from parity.harness import SMALL, random_images
-from vit_flax import predict, trainer
+from vit_flax import predict
+from vit_flax.model import create_model
 
 TOLERANCE = 1e-5
 
@@ -35,7 +36,7 @@ def test_seed_model_logits_match_keras(seed_models, record):
 
 
 def test_normalization_statistics_match_adapt():
-    """vit_flax's build_model statistics vs Keras' Normalization.adapt on the same uint8
+    """vit_flax's create_model statistics vs Keras' Normalization.adapt on the same uint8
     images. Keras takes np.mean / np.var in float64 and stores float32; vit_flax sums
     exactly in int64 and also rounds once to float32: 1 float32 ulp (rtol 1.2e-7) at most.
     Keras' adapt never touches `count` (it stays 0); vit_flax stores the image count there.
@@ -43,7 +44,7 @@ def test_normalization_statistics_match_adapt():
     images = random_images(300, seed=41)
     normalization = keras.layers.Normalization()
     normalization.adapt(images)
-    statistics = trainer.build_model(SMALL, images).data_augmentation.normalization
+    statistics = create_model(SMALL, images).data_augmentation.normalization
     np.testing.assert_allclose(statistics.mean[...], normalization.adapt_mean.numpy(),
                                rtol=1.2e-7, atol=0)
     np.testing.assert_allclose(statistics.variance[...], normalization.adapt_variance.numpy(),

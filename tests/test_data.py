@@ -16,7 +16,7 @@ import pytest
 from conftest import random_images, write_image_folder
 from PIL import Image
 
-from vit_flax import data
+from vit_flax import augment, data
 from vit_flax.data import DataError
 
 # float64 results cast to float32 may land on either side of a float32 rounding boundary when
@@ -101,7 +101,7 @@ def test_batches_of_an_exact_multiple_have_no_padding():
     np.random.default_rng(3).uniform(0, 255, (6, 5, 5, 3)).astype(np.float32),
 ], ids=["uint8", "uint8-bright", "float32"])
 def test_channel_statistics_are_numpys_float64_ones(images):
-    mean, variance = data.channel_statistics(images)
+    mean, variance = augment.channel_statistics(images)
     assert mean.dtype == variance.dtype == np.float32
     assert mean.shape == variance.shape == (3,)
     expected_mean = np.mean(images, axis=(0, 1, 2), dtype=np.float64).astype(np.float32)

@@ -18,8 +18,9 @@ from flax import nnx
 
 import vit_flax
 from vit_flax import data, parallel, steps
+from vit_flax.model import create_model
 from vit_flax.optim import keras_adamw
-from vit_flax.trainer import batch_rows, build_model, to_device
+from vit_flax.trainer import batch_rows, to_device
 
 FOUR_DEVICES = textwrap.dedent("""
     import json, sys
@@ -73,7 +74,7 @@ def test_step_loop_makes_no_host_transfers():
     config = vit_flax.ViTConfig(**TINY)
     images, labels = random_images(20, 8), np.arange(20) % 3
     mesh = parallel.data_mesh()
-    model = build_model(config, images)
+    model = create_model(config, images)
     graphdef, params, statistics = steps.split_model(model)
     tx = keras_adamw(config.learning_rate, config.weight_decay)
     state = steps.TrainState.create(params, tx, config)

@@ -10,9 +10,9 @@ import pytest
 from flax import nnx
 
 import vit_flax
-from vit_flax import data, steps
+from vit_flax import augment, data, steps
+from vit_flax.model import create_model
 from vit_flax.optim import keras_adamw
-from vit_flax.trainer import build_model
 
 
 def test_metrics_follow_keras_tie_rules():
@@ -44,7 +44,7 @@ def deterministic_setup(config, count, microbatch_size=None, tx=None):
     half = np.random.default_rng(0).integers(0, 256, (count, 8, 4, 3), dtype=np.uint8)
     images = np.concatenate([half, half[:, :, ::-1]], axis=2)
     labels = np.arange(count, dtype=np.int32) % config.num_classes
-    model = build_model(config, images)
+    model = create_model(config, images)
     graphdef, params, statistics = steps.split_model(model)
     tx = tx or keras_adamw(config.learning_rate, config.weight_decay)
     state = steps.TrainState.create(params, tx, config)
@@ -147,7 +147,7 @@ def test_best_checkpoint_is_the_first_best_val_accuracy(trained):
     accuracy = np.mean(np.argmax(logits, -1) == validation.labels)
     assert accuracy == pytest.approx(max(scores), abs=1e-9)
     # The saved model normalizes raw images by statistics of *all* training images.
-    mean, variance = data.channel_statistics(splits.train.images)
+    mean, variance = augment.channel_statistics(splits.train.images)
     np.testing.assert_array_equal(model.data_augmentation.normalization.mean[...], mean)
     np.testing.assert_array_equal(model.data_augmentation.normalization.variance[...], variance)
 
@@ -173,7 +173,7 @@ def test_each_epoch_sees_every_training_example_once(tiny_config):
 
 
 def test_the_optimizer_sees_only_parameters(tiny_config):
-    model = build_model(tiny_config, np.zeros((4, 8, 8, 3), np.uint8))
+    model = create_model(tiny_config, np.zeros((4, 8, 8, 3), np.uint8))
     _, params, statistics = steps.split_model(model)
     assert sum(leaf.size for leaf in jax.tree.leaves(params)) == \
         sum(leaf.size for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -11,6 +11,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # Keras' backend.epsilon(): the floor of the standard deviation in Normalization.
 NORMALIZATION_EPSILON = 1e-7
@@ -20,6 +21,30 @@ def normalize(images: jax.Array, mean: jax.Array, variance: jax.Array) -> jax.Ar
     """keras.layers.Normalization: (x - mean) / max(sqrt(var), 1e-7), in float32."""
     images = images.astype(jnp.float32)
     return (images - mean) / jnp.maximum(jnp.sqrt(variance), NORMALIZATION_EPSILON)
+
+
+def channel_statistics(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """keras.layers.Normalization.adapt: per-channel mean and population variance (float32).
+
+    Keras takes np.mean / np.var in float64. Integer images are summed exactly in int64 here
+    (chunked, so 50,000 images do not need a float64 copy), which agrees with that to float32
+    rounding.
+    """
+    channels = images.shape[-1]
+    flat = images.reshape(-1, channels)
+    if not np.issubdtype(flat.dtype, np.integer):
+        return (flat.mean(0, dtype=np.float64).astype(np.float32),
+                flat.var(0, dtype=np.float64).astype(np.float32))
+    total = np.zeros(channels, np.int64)
+    total_sq = np.zeros(channels, np.int64)
+    for start in range(0, len(flat), 1 << 20):
+        chunk = flat[start:start + (1 << 20)].astype(np.int64)
+        total += chunk.sum(0)
+        total_sq += (chunk * chunk).sum(0)
+    count = len(flat)
+    mean = total / count
+    variance = total_sq / count - mean * mean
+    return mean.astype(np.float32), variance.astype(np.float32)
 
 
 def resize(images: jax.Array, size: int) -> jax.Array:

@@ -85,30 +85,6 @@ def validation_split(data: Dataset, fraction: float) -> tuple[Dataset, Dataset]:
             Dataset(data.images[split_at:], data.labels[split_at:]))
 
 
-def channel_statistics(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Normalization.adapt: per-channel mean and population variance, returned as float32.
-
-    Keras takes np.mean / np.var in float64. Integer images are summed exactly in int64 here
-    (chunked, so 50,000 images do not need a float64 copy), which agrees with that to float32
-    rounding.
-    """
-    channels = images.shape[-1]
-    flat = images.reshape(-1, channels)
-    if not np.issubdtype(flat.dtype, np.integer):
-        return (flat.mean(0, dtype=np.float64).astype(np.float32),
-                flat.var(0, dtype=np.float64).astype(np.float32))
-    total = np.zeros(channels, np.int64)
-    total_sq = np.zeros(channels, np.int64)
-    for start in range(0, len(flat), 1 << 20):
-        chunk = flat[start:start + (1 << 20)].astype(np.int64)
-        total += chunk.sum(0)
-        total_sq += (chunk * chunk).sum(0)
-    count = len(flat)
-    mean = total / count
-    variance = total_sq / count - mean * mean
-    return mean.astype(np.float32), variance.astype(np.float32)
-
-
 def epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
     """The training order of one epoch: a permutation that depends only on (seed, epoch)."""
     return np.random.default_rng([seed, epoch]).permutation(num_examples).astype(np.int32)

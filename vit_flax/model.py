@@ -99,6 +99,14 @@ class Normalization(nnx.Module):
         # Keras keeps a `count` weight "for backwards compatibility"; it is the 7th statistic.
         self.count = NormalizationStatistic(jnp.zeros((), jnp.int32))
 
+    def adapt(self, images: np.ndarray) -> None:
+        """Normalization.adapt(images): the images' per-channel mean and variance. Keras'
+        adapt leaves `count` at 0; here it holds the number of images (nothing reads it)."""
+        mean, variance = augment.channel_statistics(images)
+        self.mean[...] = jnp.asarray(mean)
+        self.variance[...] = jnp.asarray(variance)
+        self.count[...] = jnp.asarray(len(images), jnp.int32)
+
     def __call__(self, images: jax.Array) -> jax.Array:
         return augment.normalize(images, self.mean[...], self.variance[...])
 
@@ -317,3 +325,13 @@ class ViT(nnx.Module):
 def _remat_block(block: TransformerBlock, x: jax.Array, train: bool,
                  rngs: nnx.Rngs | None) -> jax.Array:
     return block(x, train=train, rngs=rngs)
+
+
+def create_model(config: ViTConfig, train_images: np.ndarray | None = None) -> ViT:
+    """A freshly initialised ViT of `config` (weights from nnx.Rngs(config.seed)), its
+    Normalization adapted on `train_images` when given (as the seed adapts on x_train);
+    without them it normalizes with mean 0 and variance 1."""
+    model = ViT(config, rngs=nnx.Rngs(config.seed))
+    if train_images is not None:
+        model.data_augmentation.normalization.adapt(np.asarray(train_images))
+    return model

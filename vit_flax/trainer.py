@@ -23,7 +23,7 @@ from vit_flax import augment, parallel, plots, resume, steps
 from vit_flax import data as data_lib
 from vit_flax.config import ConfigError, ViTConfig
 from vit_flax.inference import BEST_CHECKPOINT, CONFIG_FILE, restore_model, save_model
-from vit_flax.model import ViT, patches
+from vit_flax.model import ViT, create_model, patches
 from vit_flax.optim import keras_adamw
 
 PACKAGES = ("vit_flax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")
@@ -77,17 +77,6 @@ def check_data(config: ViTConfig, splits: data_lib.Splits) -> None:
         data_lib.check_labels(part, config.num_classes, name)
     if len(splits.train) == 0:
         raise data_lib.DataError("the training set is empty")
-
-
-def build_model(config: ViTConfig, train_images: np.ndarray) -> ViT:
-    """A freshly initialised ViT whose Normalization is adapted on `train_images`."""
-    model = ViT(config, rngs=nnx.Rngs(config.seed))
-    mean, variance = data_lib.channel_statistics(train_images)
-    normalization = model.data_augmentation.normalization
-    normalization.mean[...] = jnp.asarray(mean)
-    normalization.variance[...] = jnp.asarray(variance)
-    normalization.count[...] = jnp.asarray(len(train_images), jnp.int32)
-    return model
 
 
 def to_device(dataset: data_lib.Dataset, mesh) -> tuple[jax.Array, jax.Array]:
@@ -282,7 +271,7 @@ def train(config: ViTConfig, splits: data_lib.Splits, workdir: str | os.PathLike
         log = lambda _: None  # noqa: E731
     train_set, validation_set = data_lib.validation_split(splits.train, config.validation_split)
     # As the seed: Normalization is adapted on all training images, the validation part too.
-    model = build_model(config, splits.train.images)
+    model = create_model(config, splits.train.images)
     if _is_main_process():
         (workdir / CONFIG_FILE).write_text(config.to_json() + "\n")
         _plot_patches(model, train_set.images[0], workdir / "patches.png")
