@@ -1,9 +1,16 @@
-"""Train the seed's ViT: `python train.py --epochs 100`. Flags only; the work is vit_flax's."""
+"""Train the seed's ViT: `python train.py --epochs 100`. Flags only; the work is vit_flax's.
+
+Every ViTConfig field has its flag (--field-name), generated from the dataclass with its
+meaning and default, so a new field cannot be forgotten here.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import re
 import sys
+import typing
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -27,78 +34,107 @@ def int_list(text: str) -> tuple[int, ...]:
             f"expected a comma-separated list of integers like 2048,1024, got {text!r}") from None
 
 
-def parse_args(argv, defaults):
-    parser = OneLineParser(description=__doc__)
-    add = parser.add_argument
-    add("--epochs", type=integer, default=defaults.epochs)
-    add("--batch-size", type=integer, default=defaults.batch_size)
-    add("--microbatch-size", type=integer, default=defaults.microbatch_size,
-        help="examples per forward/backward pass; one optimizer step per batch either way")
-    add("--learning-rate", type=float, default=defaults.learning_rate)
-    add("--weight-decay", type=float, default=defaults.weight_decay)
-    add("--input-size", type=integer, default=defaults.input_size,
-        help="side of the images fed to the model; folder images are resized to it")
-    add("--image-size", type=integer, default=defaults.image_size,
-        help="side the images are resized to inside the model")
-    add("--patch-size", type=integer, default=defaults.patch_size)
-    add("--projection-dim", type=integer, default=defaults.projection_dim)
-    add("--num-heads", type=integer, default=defaults.num_heads)
-    add("--transformer-layers", type=integer, default=defaults.transformer_layers)
-    add("--mlp-head-units", type=int_list, default=defaults.mlp_head_units,
-        help="comma list, e.g. 2048,1024")
-    add("--head", default=defaults.head, help="flatten (the seed), gap or cls")
-    add("--dtype", default=defaults.dtype,
-        help="float32 (default) or bfloat16: bf16 matmuls, float32 weights and optimizer")
-    add("--dataset", default="cifar100", help="cifar100, cifar10 or folder")
-    add("--data-dir", default=None,
-        help="where the data is: a CIFAR archive or prepared TFDS copy, or PATH/train/<class>/")
-    add("--workdir", default="workdir", help="where history, checkpoint and figures go")
-    add("--seed", type=int, default=defaults.seed)
-    add("--validation-split", type=float, default=defaults.validation_split)
-    add("--train-examples", type=integer, default=None, help="use only the first N")
-    add("--test-examples", type=integer, default=None, help="use only the first N")
-    add("--overwrite", action="store_true",
-        help="delete a run of another configuration found in --workdir (else: an error)")
-    add("--keep-checkpoints", type=integer, default=2,
-        help="how many epoch-end checkpoints to keep for resuming")
-    add("--log-every", type=integer, default=0,
-        help="also log the running training loss to TensorBoard every N steps (0: epochs only)")
-    add("--coordinator-address", default=None,
-        help="several hosts: HOST:PORT of process 0 (starts jax.distributed)")
-    add("--num-processes", type=integer, default=None, help="several hosts: how many")
-    add("--process-id", type=integer, default=None, help="several hosts: this one's index")
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_config_flags(parser: argparse.ArgumentParser, config_class) -> None:
+    """One flag per ViTConfig field that has one: type, choices and help from the field."""
+    hints = typing.get_type_hints(config_class)
+    for field in dataclasses.fields(config_class):
+        if not field.metadata.get("flag", True):
+            continue
+        kind = hints[field.name]
+        options = {"default": field.default, "help": field.metadata["help"]}
+        if typing.get_origin(kind) is typing.Literal:
+            options["choices"] = typing.get_args(kind)
+        elif kind == tuple[int, ...]:  # A comma list; argparse parses a str default too.
+            options.update(type=int_list, default=",".join(map(str, field.default)))
+        else:
+            options["type"] = {int: integer, float: float}[kind]
+        parser.add_argument(flag(field.name), **options)
+
+
+# run()'s keyword arguments besides the config: flag -> (default, help).
+RUN_FLAGS = {
+    "dataset": ("cifar100", "cifar100, cifar10 or folder"),
+    "data_dir": (None, "where the data is: a CIFAR archive or prepared TFDS copy, or "
+                       "PATH/train/<class>/ (and optionally PATH/test/<class>/)"),
+    "workdir": ("workdir", "where config, history, checkpoints, results and figures go"),
+    "train_examples": (None, "use only the first N training examples"),
+    "test_examples": (None, "use only the first N test examples"),
+    "keep_checkpoints": (2, "how many epoch-end checkpoints to keep for resuming"),
+    "log_every": (0, "also log the running training loss to TensorBoard every N steps "
+                     "(0: epochs only)"),
+    "coordinator_address": (None, "several processes: HOST:PORT of process 0 (starts "
+                                  "jax.distributed)"),
+    "num_processes": (None, "several processes: how many"),
+    "process_id": (None, "several processes: this one's index"),
+    "compilation_cache": ("default", "where JAX caches compiled programs, so that a rerun "
+                                     "skips most of the compile ('default': $VIT_FLAX_CACHE, "
+                                     "else ~/.cache/vit_flax/jax; 'none': no cache)"),
+}
+SWITCHES = {
+    "overwrite": "delete a vit_flax run of another configuration found in --workdir (only "
+                 "vit_flax's own files; anything else there is kept)",
+    "allow_non_empty": "train into a --workdir that is not empty and not a vit_flax run "
+                       "(nothing of what is there is overwritten)",
+    "no_unroll_threefry": "keep JAX's own (rolled) CPU lowering of its random hash: same "
+                          "bits, slower steps on CPU, smaller programs",
+}
+INTEGER_FLAGS = {"train_examples", "test_examples", "keep_checkpoints", "log_every",
+                 "num_processes", "process_id"}
+
+
+def parse_args(argv, config_class):
+    parser = OneLineParser(description=__doc__.splitlines()[0],
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_config_flags(parser, config_class)
+    for name, (default, help_text) in RUN_FLAGS.items():
+        parser.add_argument(flag(name), default=default, help=help_text,
+                            type=integer if name in INTEGER_FLAGS else str)
+    for name, help_text in SWITCHES.items():
+        parser.add_argument(flag(name), action="store_true", help=help_text)
     return parser.parse_args(argv)
+
+
+def in_flags(message: str, names) -> str:
+    """A library message in the CLI's words: a config field or run() argument it names
+    becomes its flag: `name=value` always, a bare name when it has an underscore (a bare
+    "epochs" or "seed" may be plain English)."""
+    alternatives = "|".join(sorted(names, key=len, reverse=True))
+    pattern = re.compile(r"(?<![-\w])(" + alternatives + r")(=|\b)")
+
+    def replace(match):
+        name, equals = match.groups()
+        if equals:
+            return flag(name) + " "
+        return flag(name) if "_" in name else name
+
+    return pattern.sub(replace, message)
 
 
 def main(argv=None) -> int:
     import vit_flax
-    from vit_flax.data import DataError
-    from vit_flax.resume import Interrupted
 
-    args = parse_args(argv, vit_flax.ViTConfig())
+    args = vars(parse_args(argv, vit_flax.ViTConfig))
+    fields = [f.name for f in dataclasses.fields(vit_flax.ViTConfig) if f.metadata["flag"]]
+    names = [*fields, *RUN_FLAGS, "overwrite", "allow_non_empty"]
     try:
-        config = vit_flax.ViTConfig(
-            epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
-            weight_decay=args.weight_decay, input_size=args.input_size,
-            image_size=args.image_size, patch_size=args.patch_size,
-            projection_dim=args.projection_dim, num_heads=args.num_heads,
-            transformer_layers=args.transformer_layers, mlp_head_units=args.mlp_head_units,
-            head=args.head, dtype=args.dtype, seed=args.seed,
-            microbatch_size=args.microbatch_size,
-            validation_split=args.validation_split)
-        vit_flax.run(config, dataset=args.dataset, data_dir=args.data_dir, workdir=args.workdir,
-                     train_examples=args.train_examples, test_examples=args.test_examples,
-                     coordinator_address=args.coordinator_address,
-                     num_processes=args.num_processes, process_id=args.process_id,
-                     overwrite=args.overwrite, keep_checkpoints=args.keep_checkpoints,
-                     log_every=args.log_every)
-    except (vit_flax.ConfigError, DataError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        config = vit_flax.ViTConfig(**{name: args[name] for name in fields})
+        run_options = {name: args[name] for name in RUN_FLAGS}
+        if run_options["compilation_cache"] == "none":
+            run_options["compilation_cache"] = None
+        vit_flax.run(config, **run_options,
+                     overwrite=args["overwrite"], allow_non_empty=args["allow_non_empty"],
+                     unroll_threefry=not args["no_unroll_threefry"])
+    except (vit_flax.ConfigError, vit_flax.DataError, vit_flax.CheckpointError) as error:
+        print(f"error: {in_flags(str(error), names)}", file=sys.stderr)
         return 2
     except FloatingPointError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {in_flags(str(error), names)}", file=sys.stderr)
         return 1
-    except Interrupted as error:
+    except vit_flax.Interrupted as error:
         print(f"interrupted: {error}", file=sys.stderr)
         return 0
     return 0

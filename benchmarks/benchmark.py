@@ -74,6 +74,7 @@ def run_vit_flax(batch_size: int, steps: int, one_pass: bool) -> dict:
     from flax import nnx
 
     import vit_flax
+    from vit_flax import runtime
     from vit_flax import steps as steps_lib
     from vit_flax.model import create_model
     from vit_flax.optim import keras_adamw
@@ -87,8 +88,9 @@ def run_vit_flax(batch_size: int, steps: int, one_pass: bool) -> dict:
     state = steps_lib.TrainState.create(params, tx, config)
     data = jax.device_put((images, labels))
     row = jnp.arange(batch_size, dtype=jnp.int32)
+    runtime.unroll_threefry_on_cpu()  # As train.py does (vit_flax.run).
     train_step = steps_lib.make_train_step(graphdef, tx, microbatch_size=config.microbatch_size)
-    holder = {"state": state, "totals": steps_lib.zero_totals()}
+    holder = {"state": state, "totals": steps_lib.Totals.zero()}
 
     def step():
         holder["state"], holder["totals"] = train_step(

@@ -35,7 +35,7 @@ def vit_flax_parts(batch_size: int) -> dict[str, float]:
     from flax import nnx
 
     import vit_flax
-    from vit_flax import augment
+    from vit_flax import augment, runtime
     from vit_flax import steps as steps_lib
     from vit_flax.model import create_model
     from vit_flax.optim import keras_adamw
@@ -58,11 +58,12 @@ def vit_flax_parts(batch_size: int) -> dict[str, float]:
 
     tx = keras_adamw(config.learning_rate, config.weight_decay)
     state = {"s": steps_lib.TrainState.create(params, tx, config)}
+    runtime.unroll_threefry_on_cpu()  # As train.py does (vit_flax.run).
     train_step = steps_lib.make_train_step(graphdef, tx, microbatch_size=config.microbatch_size)
     row = jnp.arange(batch_size, dtype=jnp.int32)
 
     def step():
-        state["s"], totals = train_step(state["s"], statistics, steps_lib.zero_totals(),
+        state["s"], totals = train_step(state["s"], statistics, steps_lib.Totals.zero(),
                                         *data, row)
         return totals
 

@@ -4,7 +4,8 @@ For each seed: the Keras model is built (keras.utils.set_random_seed(seed)), its
 adapted on all the training images (as the seed adapts on x_train), and vit_flax starts from
 those very weights (parity.keras_to_flax). Both then follow the seed's recipe -- AdamW,
 sparse cross-entropy, validation on the last 10% of the arrays, dropout and random
-augmentation on -- Keras through `fit`, vit_flax through its jitted `steps.make_train_step`.
+augmentation on -- Keras through `fit`, vit_flax through its own epoch loop
+(`trainer.train_epoch`, the one `vit_flax.train` runs).
 Their randomness (shuffles, dropout masks, augmentation draws) is not shared, so the curves
 cannot coincide; two seeds of each show how far apart seed-to-seed noise alone puts them.
 
@@ -31,16 +32,15 @@ import time  # noqa: E402
 from collections import defaultdict  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import jax.numpy as jnp  # noqa: E402
+import jax  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import parity  # noqa: E402
 from parity import keras_reference  # noqa: E402
-from vit_flax import ViT, ViTConfig, steps  # noqa: E402
+from vit_flax import ViT, ViTConfig, feeds, parallel, steps, trainer  # noqa: E402
 from vit_flax import data as data_lib  # noqa: E402
-from vit_flax.optim import keras_adamw  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared/data/cifar10-jpeg-train.tar.gz"
 SHUFFLE_SEED = 1337  # One fixed order, so the last-10% validation split holds every class.
@@ -89,46 +89,31 @@ def train_keras(model: keras.Model, config: ViTConfig, images, labels, checkpoin
 
 # --- vit_flax ---------------------------------------------------------------------------------
 
-def evaluate(eval_step, params, statistics, arrays, batch_size: int) -> dict[str, float]:
-    images, labels = arrays
-    totals = steps.zero_totals()
-    for row in data_lib.batch_indices(np.arange(len(labels)), batch_size):
-        totals = eval_step(params, statistics, totals, images, labels, jnp.asarray(row))
-    return steps.summarize(totals)
-
-
 def train_flax(model: ViT, config: ViTConfig, train, validation) -> list[dict]:
-    """vit_flax's train step over seeded epoch orders (the loop of vit_flax.trainer)."""
-    graphdef, params, statistics = steps.split_model(model)
-    tx = keras_adamw(config.learning_rate, config.weight_decay)
-    state = steps.TrainState.create(params, tx, config)
-    train_step = steps.make_train_step(graphdef, tx, microbatch_size=config.microbatch_size)
-    eval_step = steps.make_eval_step(graphdef)
-    train_arrays = (jnp.asarray(train.images), jnp.asarray(train.labels))
-    validation_arrays = (jnp.asarray(validation.images), jnp.asarray(validation.labels))
+    """vit_flax's own epochs (trainer.prepare_fit / train_epoch, as vit_flax.train runs
+    them) on one device, without a workdir."""
+    fit, state = trainer.prepare_fit(config, model, train, validation, one_device())
     history = []
     for epoch in range(1, config.epochs + 1):
-        order = data_lib.epoch_order(len(train), config.seed, epoch)
-        totals = steps.zero_totals()
-        for row in data_lib.batch_indices(order, config.batch_size):
-            state, totals = train_step(state, statistics, totals, *train_arrays,
-                                       jnp.asarray(row))
-        metrics = evaluate(eval_step, state.params, statistics, validation_arrays,
-                           config.batch_size)
-        history.append({"val_accuracy": metrics["accuracy"], "val_loss": metrics["loss"],
-                        "accuracy": steps.summarize(totals)["accuracy"]})
-        log(f"  vit_flax epoch {epoch}: val_accuracy {metrics['accuracy']:.4f} "
-            f"val_loss {metrics['loss']:.4f}")
+        state, row = trainer.train_epoch(fit, state, epoch)
+        history.append({"val_accuracy": row["val_accuracy"], "val_loss": row["val_loss"],
+                        "accuracy": row["accuracy"]})
+        log(f"  vit_flax epoch {epoch}: val_accuracy {row['val_accuracy']:.4f} "
+            f"val_loss {row['val_loss']:.4f}")
     return history
+
+
+def one_device():
+    return parallel.data_mesh(jax.devices()[:1])
 
 
 def evaluate_checkpoint(path: Path, config: ViTConfig, validation) -> dict[str, float]:
     """Keras' best checkpoint, read by parity.load_keras_weights, evaluated by vit_flax."""
     model = parity.load_keras_weights(path, config)
     graphdef, params, statistics = steps.split_model(model)
-    arrays = (jnp.asarray(validation.images), jnp.asarray(validation.labels))
-    return evaluate(steps.make_eval_step(graphdef), params, statistics, arrays,
-                    config.batch_size)
+    mesh = one_device()
+    return trainer.evaluate(steps.make_eval_step(graphdef, mesh), params, statistics,
+                            feeds.make_feed(validation, mesh), config.batch_size)
 
 
 # --- one seed, the table ----------------------------------------------------------------------

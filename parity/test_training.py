@@ -33,9 +33,9 @@ def run_flax_steps(flax_model, tx, images, labels, count: int):
     batch = jnp.arange(len(images), dtype=jnp.int32)
     losses = []
     for _ in range(count):
-        state, totals = train_step(state, statistics, steps.zero_totals(), jnp.asarray(images),
+        state, totals = train_step(state, statistics, steps.Totals.zero(), jnp.asarray(images),
                                    jnp.asarray(labels, jnp.int32), batch)
-        losses.append(float(totals["loss"] / totals["count"]))
+        losses.append(totals.means()["loss"])
     return state, losses
 
 

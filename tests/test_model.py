@@ -135,7 +135,7 @@ def test_predict_batches_and_checks_inputs(tiny_config):
     (dict(mlp_head_units=()), "mlp_head_units"),
     (dict(dropout=1.0), r"dropout must be in \[0, 1\)"),
     (dict(microbatch_size=100), r"multiple of microbatch_size \(100\); e.g. "
-                                r"--microbatch-size 64, or --microbatch-size 256 for one pass"),
+                                r"microbatch_size=64, or microbatch_size=256 for one pass"),
     (dict(microbatch_size=0), "microbatch_size must be a positive integer"),
 ])
 def test_config_rejects_bad_values(changes, message):

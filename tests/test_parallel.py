@@ -18,9 +18,9 @@ from flax import nnx
 
 import vit_flax
 from vit_flax import data, parallel, steps
+from vit_flax.feeds import batch_rows, to_device
 from vit_flax.model import create_model
 from vit_flax.optim import keras_adamw
-from vit_flax.trainer import batch_rows, to_device
 
 FOUR_DEVICES = textwrap.dedent("""
     import json, sys
@@ -57,8 +57,8 @@ def test_four_devices_train_like_one(tmp_path):
     assert completed.returncode == 0, completed.stderr[-3000:]
     report = json.loads(completed.stdout.strip().splitlines()[-1])
     assert (report["one"], report["four"]) == (1, 4)
-    assert report["error"] == ("Batch size (6) must be divisible by the number of devices (4); "
-                               "e.g. --batch-size 4")
+    assert report["error"] == ("batch_size (6) must be divisible by the number of devices (4); "
+                               "e.g. batch_size=4")
     one = json.loads((tmp_path / "one" / "history.json").read_text())
     four = json.loads((tmp_path / "four" / "history.json").read_text())
     # The same random draws (partitionable threefry) and the same sums, reduced in another
@@ -82,14 +82,14 @@ def test_step_loop_makes_no_host_transfers():
     arrays = to_device(data.Dataset(images, labels), mesh)
     train_step = steps.make_train_step(graphdef, tx, mesh)
     rows = batch_rows(data.epoch_order(20, 0, 1), config.batch_size, mesh)
-    totals = steps.zero_totals()
+    totals = steps.Totals.zero()
     state, totals = train_step(state, statistics, totals, *arrays, rows[0])  # compiles
     # Everything the steps touch is on the device already: any implicit copy either way
     # would raise here.
     with jax.transfer_guard("disallow"):
         for row in rows[1:]:
             state, totals = train_step(state, statistics, totals, *arrays, row)
-    assert float(totals["count"]) == 20.0
+    assert float(totals.count) == 20.0
 
 
 def test_bfloat16_computes_in_bf16_and_keeps_float32_weights():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,7 +12,7 @@ import pytest
 from flax import nnx
 
 import vit_flax
-from vit_flax import augment, data, steps
+from vit_flax import augment, data, runtime, steps
 from vit_flax.model import create_model
 from vit_flax.optim import keras_adamw
 
@@ -30,9 +32,10 @@ def test_metrics_follow_keras_tie_rules():
 
 
 def test_epoch_metrics_are_sample_weighted():
-    totals = {"loss": jnp.array(30.0), "accuracy": jnp.array(3.0),
-              "top-5-accuracy": jnp.array(9.0), "count": jnp.array(10.0)}
-    assert steps.summarize(totals) == {"loss": 3.0, "accuracy": 0.3, "top-5-accuracy": 0.9}
+    totals = steps.Totals.zero().replace(
+        sums={"loss": jnp.array(30.0), "accuracy": jnp.array(3.0),
+              "top-5-accuracy": jnp.array(9.0)}, count=jnp.array(10.0))
+    assert totals.means() == {"loss": 3.0, "accuracy": 0.3, "top-5-accuracy": 0.9}
 
 
 def deterministic_setup(config, count, microbatch_size=None, tx=None):
@@ -56,13 +59,13 @@ def test_padding_of_the_last_batch_changes_nothing(tiny_config):
     # Five real examples in a batch of 8 (three -1 pads) must train exactly like a batch of
     # five: same loss mean, same gradients, same AdamW step.
     step, state, statistics, images, labels = deterministic_setup(tiny_config, 5)
-    padded_state, padded_totals = step(state, statistics, steps.zero_totals(), images, labels,
+    padded_state, padded_totals = step(state, statistics, steps.Totals.zero(), images, labels,
                                        jnp.array([0, 1, 2, 3, 4, -1, -1, -1]))
     step5, state5, statistics, images, labels = deterministic_setup(tiny_config, 5)
-    exact_state, exact_totals = step5(state5, statistics, steps.zero_totals(), images, labels,
+    exact_state, exact_totals = step5(state5, statistics, steps.Totals.zero(), images, labels,
                                       jnp.arange(5))
-    assert float(padded_totals["count"]) == 5.0
-    np.testing.assert_allclose(padded_totals["loss"], exact_totals["loss"], rtol=1e-6)
+    assert float(padded_totals.count) == 5.0
+    np.testing.assert_allclose(padded_totals.sums["loss"], exact_totals.sums["loss"], rtol=1e-6)
     # A different batch shape is a different XLA program, with float32 round-off in the
     # gradient. Adam normalises each step to ~lr = 1e-3, and the key biases' gradients are
     # analytically zero (softmax ignores a per-query shift), i.e. pure round-off, whose
@@ -82,15 +85,15 @@ def test_micro_batches_give_the_whole_batch_update(tiny_config, microbatch_size)
     batch = jnp.array([0, 1, 2, 3, 4, -1, -1, -1])
     sgd = optax.sgd(1.0)
     step, state, statistics, images, labels = deterministic_setup(tiny_config, 5, tx=sgd)
-    whole_state, whole_totals = step(state, statistics, steps.zero_totals(), images, labels,
+    whole_state, whole_totals = step(state, statistics, steps.Totals.zero(), images, labels,
                                      batch)
     step, state, statistics, images, labels = deterministic_setup(tiny_config, 5,
                                                                   microbatch_size, sgd)
-    micro_state, micro_totals = step(state, statistics, steps.zero_totals(), images, labels,
+    micro_state, micro_totals = step(state, statistics, steps.Totals.zero(), images, labels,
                                      batch)
-    assert float(micro_totals["count"]) == 5.0
+    assert float(micro_totals.count) == 5.0
     for name in steps.METRIC_NAMES:
-        np.testing.assert_allclose(micro_totals[name], whole_totals[name], rtol=1e-6)
+        np.testing.assert_allclose(micro_totals.sums[name], whole_totals.sums[name], rtol=1e-6)
     for micro, whole in zip(jax.tree.leaves(micro_state.params),
                             jax.tree.leaves(whole_state.params), strict=True):
         np.testing.assert_allclose(micro, whole, atol=1e-5)
@@ -101,7 +104,7 @@ def test_train_step_donates_and_advances(tiny_config):
     old_leaves = jax.tree.leaves(state)
     # No numpy views of the old buffers: on the CPU a live view would block the donation.
     checksum = float(jnp.sum(jax.tree.leaves(state.params)[-1]))
-    new_state, _ = step(state, statistics, steps.zero_totals(), images, labels, jnp.arange(8))
+    new_state, _ = step(state, statistics, steps.Totals.zero(), images, labels, jnp.arange(8))
     assert int(new_state.step) == 1
     assert float(jnp.sum(jax.tree.leaves(new_state.params)[-1])) != checksum
     # The old state's buffers were donated to the new one: no second copy of the weights.
@@ -129,7 +132,7 @@ def trained(tmp_path_factory):
 
 def test_loss_falls_on_a_learnable_problem(trained):
     config, _, workdir, results = trained
-    history = vit_flax.trainer.json.loads((workdir / "history.json").read_text())
+    history = json.loads((workdir / "history.json").read_text())
     assert [row["epoch"] for row in history] == list(range(1, config.epochs + 1))
     assert history[-1]["loss"] < 0.5 * history[0]["loss"]
     assert results["test_accuracy"] > 0.8  # Chance is 1/3; measured 0.88 after 8 epochs.
@@ -137,7 +140,7 @@ def test_loss_falls_on_a_learnable_problem(trained):
 
 def test_best_checkpoint_is_the_first_best_val_accuracy(trained):
     config, splits, workdir, results = trained
-    history = vit_flax.trainer.json.loads((workdir / "history.json").read_text())
+    history = json.loads((workdir / "history.json").read_text())
     scores = [row["val_accuracy"] for row in history]
     assert results["best_epoch"] == 1 + int(np.argmax(scores))  # argmax: the first maximum
     model, loaded_config = vit_flax.load(workdir)
@@ -155,8 +158,8 @@ def test_best_checkpoint_is_the_first_best_val_accuracy(trained):
 def test_training_is_reproducible(trained, tmp_path):
     config, splits, workdir, results = trained
     again = vit_flax.train(config, splits, tmp_path, log=lambda _: None)
-    first = vit_flax.trainer.json.loads((workdir / "history.json").read_text())
-    second = vit_flax.trainer.json.loads((tmp_path / "history.json").read_text())
+    first = json.loads((workdir / "history.json").read_text())
+    second = json.loads((tmp_path / "history.json").read_text())
     metric_names = [k for k in first[0] if k not in ("epoch_seconds", "images_per_second")]
     assert [[row[k] for k in metric_names] for row in first] == \
         [[row[k] for k in metric_names] for row in second]
@@ -165,10 +168,10 @@ def test_training_is_reproducible(trained, tmp_path):
 
 def test_each_epoch_sees_every_training_example_once(tiny_config):
     step, state, statistics, images, labels = deterministic_setup(tiny_config, 21)
-    totals = steps.zero_totals()
+    totals = steps.Totals.zero()
     for row in jnp.asarray(data.batch_indices(data.epoch_order(21, 0, 1), 8)):
         state, totals = step(state, statistics, totals, images, labels, row)
-    assert float(totals["count"]) == 21.0  # 8 + 8 + 5: the partial batch is trained on.
+    assert float(totals.count) == 21.0  # 8 + 8 + 5: the partial batch is trained on.
     assert int(state.step) == 3
 
 
@@ -184,7 +187,7 @@ def test_the_optimizer_sees_only_parameters(tiny_config):
 def test_unrolled_threefry_hash_keeps_its_known_answers():
     from jax.extend.random import threefry_2x32
 
-    assert steps.unroll_threefry_on_cpu()
+    assert runtime.unroll_threefry_on_cpu()
     hash_pair = jax.jit(lambda key, count: threefry_2x32(key, count))
     # Threefry-2x32 (20 rounds) known-answer vectors of Random123, as in JAX's own tests.
     known = {(0, 0, 0, 0): (0x6B200159, 0x99BA4EFE),

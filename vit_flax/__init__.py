@@ -1,11 +1,18 @@
-"""vit_flax: the Keras "Image classification with Vision Transformer" example in JAX/Flax."""
+"""vit_flax: the Keras "Image classification with Vision Transformer" example in JAX/Flax.
 
+Importing it changes nothing process-wide (no matplotlib backend, no JAX rule): the
+process-wide speed settings are applied by `run` (and so train.py), see vit_flax.runtime.
+"""
+
+from vit_flax.checkpoints import CheckpointError
 from vit_flax.config import ConfigError, ViTConfig
 from vit_flax.data import DataError
+from vit_flax.experiment import run
 from vit_flax.inference import load, predict
 from vit_flax.model import ViT, create_model
-from vit_flax.trainer import run, train
+from vit_flax.signals import Interrupted
+from vit_flax.trainer import train
 
-__all__ = ["ConfigError", "DataError", "ViT", "ViTConfig", "create_model", "load", "predict",
-           "run", "train"]
+__all__ = ["CheckpointError", "ConfigError", "DataError", "Interrupted", "ViT", "ViTConfig",
+           "create_model", "load", "predict", "run", "train"]
 __version__ = "0.1.0"

@@ -9,53 +9,69 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from typing import Literal
+from typing import Literal, get_args
 
-HEADS = ("flatten", "gap", "cls")
-DTYPES = ("float32", "bfloat16")
+Head = Literal["flatten", "gap", "cls"]
+Dtype = Literal["float32", "bfloat16"]
+HEADS: tuple[str, ...] = get_args(Head)
+DTYPES: tuple[str, ...] = get_args(Dtype)
 
 
 class ConfigError(ValueError):
     """A configuration value that cannot work; the message says which and why."""
 
 
+def _field(default, help: str, *, flag: bool = True):
+    """A config field with its meaning (train.py's --help) and whether train.py has a flag
+    for it (fields set from the data, like num_classes, have none)."""
+    return dataclasses.field(default=default, metadata={"help": help, "flag": flag})
+
+
 @dataclasses.dataclass(frozen=True)
 class ViTConfig:
     # --- data ---
-    num_classes: int = 100  # CIFAR-100's fine labels.
-    input_size: int = 32  # Side of the square images the model receives (CIFAR is 32x32).
-    channels: int = 3  # RGB.
+    num_classes: int = _field(100, "CIFAR-100's fine labels; set from the data.", flag=False)
+    input_size: int = _field(
+        32, "side of the square images the model receives (CIFAR: 32); folder images are "
+        "resized to it")
+    channels: int = _field(3, "RGB", flag=False)
     # --- preprocessing and augmentation (Keras' `data_augmentation` Sequential) ---
-    image_size: int = 72  # Images are resized (bilinear) to image_size x image_size.
-    rotation_factor: float = 0.02  # RandomRotation: angle ~ U(-f, f) of a full turn (+-7.2 deg).
-    zoom_factor: float = 0.2  # RandomZoom: height and width zoom each ~ U(1 - f, 1 + f).
+    image_size: int = _field(72, "images are resized (bilinear) to this side inside the model")
+    rotation_factor: float = _field(
+        0.02, "RandomRotation: angle ~ U(-f, f) of a full turn (0.02: +-7.2 degrees)")
+    zoom_factor: float = _field(0.2, "RandomZoom: height and width zoom each ~ U(1-f, 1+f)")
     # --- model ---
-    patch_size: int = 6  # Non-overlapping patch_size x patch_size patches: (72 / 6)^2 = 144.
-    projection_dim: int = 64  # Width of every token.
-    num_heads: int = 4  # Attention heads; Keras' key_dim is projection_dim, per head.
-    transformer_layers: int = 8  # Pre-norm transformer blocks.
-    mlp_head_units: tuple[int, ...] = (2048, 1024)  # Dense widths of the classifier MLP.
-    head: Literal["flatten", "gap", "cls"] = "flatten"  # How tokens become one vector.
-    attention_dropout: float = 0.1  # Dropout on the attention probabilities.
-    dropout: float = 0.1  # Dropout after each Dense of the block MLPs.
-    head_dropout: float = 0.5  # Dropout before and inside the classifier MLP.
-    layer_norm_epsilon: float = 1e-6  # The seed passes 1e-6 (Keras' default is 1e-3).
-    # Matmul dtype: "bfloat16" = mixed precision (weights, optimizer state, LayerNorm,
-    # softmax and loss stay float32). float32 is the seed's and what parity checks.
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    patch_size: int = _field(6, "side of the non-overlapping patches: (72 / 6)^2 = 144")
+    projection_dim: int = _field(64, "width of every token")
+    num_heads: int = _field(4, "attention heads; Keras' key_dim is projection_dim, per head")
+    transformer_layers: int = _field(8, "pre-norm transformer blocks")
+    mlp_head_units: tuple[int, ...] = _field(
+        (2048, 1024), "Dense widths of the classifier MLP, a comma list")
+    head: Head = _field("flatten", "how tokens become one vector: flatten (the seed), "
+                        "gap (mean of the tokens) or cls (a class token)")
+    attention_dropout: float = _field(0.1, "dropout on the attention probabilities")
+    dropout: float = _field(0.1, "dropout after each Dense of the block MLPs")
+    head_dropout: float = _field(0.5, "dropout before and inside the classifier MLP")
+    layer_norm_epsilon: float = _field(1e-6, "LayerNorm epsilon (the seed's; Keras' default "
+                                       "is 1e-3)")
+    # float32 is the seed's and what parity checks.
+    dtype: Dtype = _field("float32", "matmul dtype: bfloat16 = mixed precision (weights, "
+                          "optimizer state, LayerNorm, softmax and loss stay float32)")
     # --- training (Keras' AdamW + fit) ---
-    learning_rate: float = 1e-3
-    weight_decay: float = 1e-4
-    batch_size: int = 256
-    # Examples per forward/backward pass: a batch larger than this is split into micro-batches
-    # whose gradients are summed before the one optimizer step, so the update is the batch's
-    # mean gradient either way (only the random draws differ) while activation memory scales
-    # with the micro-batch. On a 2-core CPU, 128 is as fast per image as 256 and needs half
-    # the memory (benchmarks/); a batch no larger than this runs in one pass.
-    microbatch_size: int = 128
-    epochs: int = 100  # The seed's text: 100 for a real run (its code says 10 to try it out).
-    validation_split: float = 0.1  # The last 10% of the training arrays, as Keras' fit.
-    seed: int = 0  # Initial weights, shuffles, dropout and augmentation all derive from it.
+    learning_rate: float = _field(1e-3, "AdamW learning rate")
+    weight_decay: float = _field(1e-4, "AdamW weight decay")
+    batch_size: int = _field(256, "examples per optimizer step")
+    # A batch larger than this is split into micro-batches whose gradients are summed before
+    # the one optimizer step, so the update is the batch's mean gradient either way (only
+    # the random draws differ) while activation memory scales with the micro-batch. On a
+    # 2-core CPU, 128 is as fast per image as 256 and needs half the memory (benchmarks/).
+    microbatch_size: int = _field(
+        128, "examples per forward/backward pass; a larger batch is split into micro-batches "
+        "whose gradients are summed (one optimizer step per batch either way)")
+    epochs: int = _field(100, "epochs to train (the seed's text: 100; its code: 10 to try)")
+    validation_split: float = _field(
+        0.1, "the last fraction of the training examples validates, as Keras' fit")
+    seed: int = _field(0, "initial weights, shuffles, dropout and augmentation derive from it")
 
     def __post_init__(self):
         if isinstance(self.mlp_head_units, list):
@@ -73,14 +89,13 @@ class ViTConfig:
             nearest = max(self.image_size // self.patch_size, 1) * self.patch_size
             raise ConfigError(
                 f"image_size ({self.image_size}) must be divisible by patch_size "
-                f"({self.patch_size}); e.g. --image-size {nearest}")
+                f"({self.patch_size}); e.g. image_size={nearest}")
         if self.batch_size % self.pass_size:
             raise ConfigError(
                 f"batch_size ({self.batch_size}) must be a multiple of microbatch_size "
-                f"({self.microbatch_size}); e.g. --microbatch-size "
+                f"({self.microbatch_size}); e.g. microbatch_size="
                 f"{max(d for d in range(1, self.pass_size + 1) if self.batch_size % d == 0)}"
-                f", or --microbatch-size "
-                f"{self.batch_size} for one pass")
+                f", or microbatch_size={self.batch_size} for one pass")
         if not self.mlp_head_units or any(u <= 0 for u in self.mlp_head_units):
             raise ConfigError(
                 f"mlp_head_units must be positive integers, got {self.mlp_head_units}")
@@ -131,4 +146,18 @@ class ViTConfig:
 
     @classmethod
     def from_json(cls, text: str) -> ViTConfig:
-        return cls(**json.loads(text))
+        """The config of `to_json`'s text; a ConfigError (one line) for anything else."""
+        try:
+            values = json.loads(text)
+        except ValueError as error:
+            raise ConfigError(f"not a ViTConfig: the text is not JSON ({error})") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"not a ViTConfig: expected a JSON object of its fields, got "
+                              f"a {type(values).__name__}")
+        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ConfigError(f"not a ViTConfig: unknown fields {', '.join(unknown)}")
+        try:
+            return cls(**values)
+        except TypeError as error:  # A value of the wrong type that no check names.
+            raise ConfigError(f"not a ViTConfig: {error}") from None

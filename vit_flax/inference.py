@@ -9,14 +9,12 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 
+from vit_flax.checkpoints import restore_model
 from vit_flax.config import ViTConfig
 from vit_flax.model import ViT
-
-BEST_CHECKPOINT = "best_checkpoint"  # Inside a train.py workdir: the best-by-val_accuracy model.
-CONFIG_FILE = "config.json"
+from vit_flax.workdir import BEST_CHECKPOINT, CONFIG_FILE
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -24,44 +22,53 @@ def _logits(graphdef, state, images):
     return nnx.merge(graphdef, state)(images, train=False)
 
 
-def predict(model: ViT, images, batch_size: int = 256) -> np.ndarray:
-    """Logits (N, num_classes) for raw images (N, H, W, C), uint8 or float, in inference mode.
-
-    Runs in batches of `batch_size` (the last one padded, so one compiled shape serves all).
-    """
-    images = np.asarray(images)
-    config = model.config
-    expected = config.input_shape
+def _check_inputs(model: ViT, images: np.ndarray, batch_size) -> None:
+    """ValueErrors for inputs that would give wrong logits rather than an error."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) or (
+            batch_size < 1):
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    expected = model.config.input_shape
     if images.ndim != 4 or images.shape[1:] != expected:
         raise ValueError(f"predict expects images of shape (N, {', '.join(map(str, expected))}),"
                          f" got {images.shape}")
     if not (images.dtype == np.uint8 or np.issubdtype(images.dtype, np.floating)):
         raise ValueError(f"predict expects uint8 or float images, got {images.dtype}")
+    if images.dtype == np.uint8 or not images.size:
+        return
+    if not np.isfinite(images).all():
+        raise ValueError(f"predict got {int((~np.isfinite(images)).sum())} non-finite pixel "
+                         f"values (NaN or inf); pass finite pixels")
+    # Normalization subtracts the mean of the images it was adapted on: pixels in [0, 1] for
+    # a model adapted on 0..255 pixels are all "black" to it, and the logits are garbage.
+    mean = np.asarray(model.data_augmentation.normalization.mean[...])
+    if images.max() <= 1.0 and mean.max() > 1.0:
+        raise ValueError(
+            f"predict got float images in [{images.min():g}, {images.max():g}], but this model "
+            f"was adapted on pixels in 0..255 (channel means {np.round(mean, 1).tolist()}); "
+            f"pass raw pixels: uint8, or floats in 0..255 (e.g. images * 255)")
+
+
+def predict(model: ViT, images, batch_size: int = 256) -> np.ndarray:
+    """Logits (N, num_classes) for raw images (N, H, W, C), uint8 or float, in inference mode.
+
+    Pixels are on the scale the model's Normalization was adapted on (0..255 for train.py's
+    models): float images in [0, 1] for a model adapted on 0..255 are a ValueError, as are
+    NaN or infinite pixels and a batch_size that is not a positive integer.
+    Runs in batches of `batch_size` (the last one padded, so one compiled shape serves all).
+    """
+    images = np.asarray(images)
+    _check_inputs(model, images, batch_size)
+    config = model.config
     graphdef, state = nnx.split(model)
     outputs = []
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
-        padded = np.zeros((batch_size, *expected), chunk.dtype)
+        padded = np.zeros((batch_size, *config.input_shape), chunk.dtype)
         padded[:len(chunk)] = chunk
         outputs.append(np.asarray(_logits(graphdef, state, jnp.asarray(padded)))[:len(chunk)])
     if not outputs:
         return np.zeros((0, config.num_classes), np.float32)
     return np.concatenate(outputs)
-
-
-def save_model(directory: str | os.PathLike, model: ViT) -> None:
-    """Write the model's weights and normalization statistics (orbax; replaces `directory`)."""
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(Path(directory).absolute(), nnx.state(model), force=True)
-
-
-def restore_model(directory: str | os.PathLike, config: ViTConfig) -> ViT:
-    """A ViT of `config` with the weights saved by `save_model` in `directory`."""
-    abstract = nnx.eval_shape(lambda: ViT(config, rngs=nnx.Rngs(0)))
-    graphdef, abstract_state = nnx.split(abstract)
-    with ocp.StandardCheckpointer() as checkpointer:
-        state = checkpointer.restore(Path(directory).absolute(), abstract_state)
-    return nnx.merge(graphdef, state)
 
 
 def load(workdir: str | os.PathLike) -> tuple[ViT, ViTConfig]:

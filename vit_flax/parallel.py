@@ -32,9 +32,13 @@ def batch_sharded(mesh: Mesh, leading_axes: int = 0) -> NamedSharding:
 
 def check_batch_size(config: ViTConfig, mesh: Mesh) -> None:
     """Every pass (the batch, or each micro-batch) must split evenly across the devices."""
-    for name, size, flag in (("Batch size", config.batch_size, "--batch-size"),
-                             ("Micro-batch size", config.pass_size, "--microbatch-size")):
+    for field, size in (("batch_size", config.batch_size),
+                        ("microbatch_size", config.pass_size)):
         if size % mesh.size:
             fitting = max(size // mesh.size, 1) * mesh.size
-            raise ConfigError(f"{name} ({size}) must be divisible by the number of devices "
-                              f"({mesh.size}); e.g. {flag} {fitting}")
+            raise ConfigError(f"{field} ({size}) must be divisible by the number of devices "
+                              f"({mesh.size}); e.g. {field}={fitting}")
+
+def is_main_process() -> bool:
+    """On several hosts every process trains; only the first writes files and logs."""
+    return jax.process_index() == 0

@@ -1,20 +1,23 @@
-"""The seed's figures: train vs validation curves, and one image cut into its patches."""
+"""The seed's figures: train vs validation curves, and one image cut into its patches.
+
+Figures are drawn on `matplotlib.figure.Figure` with its own canvas, never through pyplot:
+nothing here selects a backend or touches pyplot's global state, so importing vit_flax in a
+notebook leaves its inline plots as they were.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # Files only: train.py runs on machines without a display.
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import numpy as np
+from matplotlib.figure import Figure
 
 
 def plot_history(history: list[dict], item: str, path: Path) -> None:
     """The seed's plot_history(item): item and val_item over the epochs."""
     epochs = [row["epoch"] for row in history]
-    figure, axes = plt.subplots()
+    figure = Figure()
+    axes = figure.subplots()
     axes.plot(epochs, [row[item] for row in history], label=item)
     axes.plot(epochs, [row["val_" + item] for row in history], label="val_" + item)
     axes.set_xlabel("Epochs")
@@ -23,13 +26,12 @@ def plot_history(history: list[dict], item: str, path: Path) -> None:
     axes.legend()
     axes.grid()
     figure.savefig(path)
-    plt.close(figure)
 
 
 def plot_patches(image: np.ndarray, patches: np.ndarray, patch_size: int, path: Path) -> None:
     """One resized image (left) and its patches laid out on the grid they came from (right)."""
     n = int(np.sqrt(len(patches)))
-    figure = plt.figure(figsize=(8, 4))
+    figure = Figure(figsize=(8, 4))
     figure.add_subplot(1, 2, 1).imshow(np.clip(image, 0, 255).astype(np.uint8))
     figure.axes[0].axis("off")
     grid = figure.add_gridspec(n, n, left=0.52, right=0.98, wspace=0.1, hspace=0.1)
@@ -38,4 +40,3 @@ def plot_patches(image: np.ndarray, patches: np.ndarray, patch_size: int, path: 
         axes.imshow(np.clip(patch.reshape(patch_size, patch_size, -1), 0, 255).astype(np.uint8))
         axes.axis("off")
     figure.savefig(path)
-    plt.close(figure)

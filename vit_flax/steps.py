@@ -7,7 +7,7 @@ sums to running totals, so the loop does no per-batch host work.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +21,24 @@ from vit_flax.model import ViT
 
 Metrics = dict[str, jax.Array]
 METRIC_NAMES = ("loss", "accuracy", "top-5-accuracy")
+
+
+class Batch(NamedTuple):
+    """What a step consumes: images and labels, and the row of indices into them that makes
+    the batch (-1 = padding of the last partial batch)."""
+
+    images: jax.Array
+    labels: jax.Array
+    index: jax.Array
+
+
+class Examples(NamedTuple):
+    """A gathered batch (or micro-batch): its images, labels, and 1.0 for a real example,
+    0.0 for a pad."""
+
+    images: jax.Array
+    labels: jax.Array
+    mask: jax.Array
 
 
 class TrainState(struct.PyTreeNode):
@@ -38,17 +56,30 @@ class TrainState(struct.PyTreeNode):
                    rng=jax.random.fold_in(jax.random.key(config.seed), 1))
 
 
-def zero_totals() -> Metrics:
-    totals = {name: jnp.zeros((), jnp.float32) for name in (*METRIC_NAMES, "count")}
-    # The run's step number of the first non-finite loss among these totals; -1: none.
-    totals["first_nonfinite_step"] = jnp.full((), -1.0, jnp.float32)
-    return totals
+class Totals(struct.PyTreeNode):
+    """Running sums of an epoch's (or an evaluation's) per-example metrics."""
 
+    sums: Metrics  # METRIC_NAMES -> sum over the real examples so far.
+    count: jax.Array  # Real examples so far.
+    # The run's step number of the first step among these whose loss was not finite;
+    # -1: none. A control flag, kept apart from the metric sums.
+    first_nonfinite_step: jax.Array
 
-def summarize(totals: Metrics) -> dict[str, float]:
-    """Epoch metrics as Keras reports them: sample-weighted means (total / count)."""
-    count = float(totals["count"])
-    return {name: float(totals[name]) / max(count, 1.0) for name in METRIC_NAMES}
+    @classmethod
+    def zero(cls) -> Totals:
+        return cls(sums={name: jnp.zeros((), jnp.float32) for name in METRIC_NAMES},
+                   count=jnp.zeros((), jnp.float32),
+                   first_nonfinite_step=jnp.full((), -1, jnp.int32))
+
+    def add(self, per_example: Metrics, mask: jax.Array) -> Totals:
+        sums = {name: self.sums[name] + jnp.sum(per_example[name] * mask)
+                for name in METRIC_NAMES}
+        return self.replace(sums=sums, count=self.count + jnp.sum(mask))
+
+    def means(self) -> dict[str, float]:
+        """Epoch metrics as Keras reports them: sample-weighted means (total / count)."""
+        count = max(float(self.count), 1.0)
+        return {name: float(self.sums[name]) / count for name in METRIC_NAMES}
 
 
 def per_example_metrics(logits: jax.Array, labels: jax.Array) -> Metrics:
@@ -63,107 +94,91 @@ def per_example_metrics(logits: jax.Array, labels: jax.Array) -> Metrics:
     }
 
 
-def _gather(images: jax.Array, labels: jax.Array, batch_index: jax.Array, mesh: Mesh | None):
-    mask = (batch_index >= 0).astype(jnp.float32)
-    safe = jnp.maximum(batch_index, 0)
-    batch_images, batch_labels = images[safe], labels[safe]
+def gather(batch: Batch, mesh: Mesh | None) -> Examples:
+    """The batch's examples, gathered by index on the device; pads masked out."""
+    mask = (batch.index >= 0).astype(jnp.float32)
+    safe = jnp.maximum(batch.index, 0)
+    examples = Examples(batch.images[safe], batch.labels[safe], mask)
     if mesh is not None:  # Each device works on its slice of the batch.
-        batch_images, batch_labels, mask = jax.lax.with_sharding_constraint(
-            (batch_images, batch_labels, mask), parallel.batch_sharded(mesh))
-    return batch_images, batch_labels, mask
+        examples = jax.lax.with_sharding_constraint(examples, parallel.batch_sharded(mesh))
+    return examples
 
 
-def _add(totals: Metrics, per_example: Metrics, mask: jax.Array) -> Metrics:
-    sums = {name: jnp.sum(value * mask) for name, value in per_example.items()}
-    sums["count"] = jnp.sum(mask)
-    return {**totals, **{name: totals[name] + sums[name] for name in sums}}
-
-
-def _micro_batches(arrays, pass_size: int, mesh: Mesh | None):
+def micro_batches(examples: Examples, pass_size: int, mesh: Mesh | None) -> Examples:
     """(batch, ...) arrays -> (batch / pass_size, pass_size, ...): micro-batch i holds rows
     i, i + k, i + 2k, ... (k micro-batches), so that with a mesh every device keeps an equal
     share of each micro-batch."""
-    count = arrays[0].shape[0] // pass_size
-    split = tuple(a.reshape(pass_size, count, *a.shape[1:]).swapaxes(0, 1) for a in arrays)
+    count = examples.images.shape[0] // pass_size
+    split = Examples(*(a.reshape(pass_size, count, *a.shape[1:]).swapaxes(0, 1)
+                       for a in examples))
     if mesh is not None:
         split = jax.lax.with_sharding_constraint(split, parallel.batch_sharded(mesh, 1))
     return split
 
 
+def step_rngs(rng: jax.Array, step: jax.Array, micro_batch: jax.Array | int) -> nnx.Rngs:
+    """The augmentation and dropout keys of one micro-batch of one step: a pure function of
+    the run's key, the step number and the micro-batch's index (so a resumed run draws
+    exactly what the uninterrupted one drew)."""
+    augment_key, dropout_key = jax.random.split(jax.random.fold_in(rng, step))
+    return nnx.Rngs(augment=jax.random.fold_in(augment_key, micro_batch),
+                    dropout=jax.random.fold_in(dropout_key, micro_batch))
+
+
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     mesh: Mesh | None = None, microbatch_size: int | None = None):
-    """(state, statistics, totals, images, labels, batch_index) -> (state, totals), jitted.
+    """(state, statistics, totals, *Batch) -> (state, totals), jitted.
 
     `state` is donated: its buffers are reused for the new state. With a `mesh`, the batch
     is split across its "data" axis (see vit_flax.parallel). With a `microbatch_size`
     smaller than the batch, the gradient is summed over micro-batches of that size in a
     `lax.scan` before the one optimizer update (ViTConfig.microbatch_size says why).
     """
-    unroll_threefry_on_cpu()
 
-    def train_step(state: TrainState, statistics: nnx.State, totals: Metrics,
+    def micro_batch_loss(params, statistics, state, micro: Examples, index, real_examples):
+        """Summed loss of the micro-batch's real examples / the batch's real examples: the
+        gradients of the micro-batches then add up to the mean gradient of the batch, as
+        Keras' loss on a (partial) batch."""
+        model = nnx.merge(graphdef, params, statistics)
+        logits = model(micro.images, train=True, rngs=step_rngs(state.rng, state.step, index))
+        per_example = per_example_metrics(logits, micro.labels)
+        return jnp.sum(per_example["loss"] * micro.mask) / real_examples, per_example
+
+    def train_step(state: TrainState, statistics: nnx.State, totals: Totals,
                    images: jax.Array, labels: jax.Array, batch_index: jax.Array):
         batch_size = batch_index.shape[0]
         pass_size = min(microbatch_size or batch_size, batch_size)
         if batch_size % pass_size:
             raise ValueError(f"batch of {batch_size} rows is not a multiple of "
                              f"microbatch_size ({microbatch_size})")
-        batch = _gather(images, labels, batch_index, mesh)
-        # The mean over the real examples of the batch, as Keras' loss on a partial batch.
-        real_examples = jnp.sum(batch[2])
-        augment_key, dropout_key = jax.random.split(jax.random.fold_in(state.rng, state.step))
+        examples = gather(Batch(images, labels, batch_index), mesh)
+        real_examples = jnp.sum(examples.mask)
+        grad_fn = jax.value_and_grad(micro_batch_loss, has_aux=True)
 
-        def loss_fn(params, micro_batch):
-            micro_images, micro_labels, mask, index = micro_batch
-            model = nnx.merge(graphdef, params, statistics)
-            rngs = nnx.Rngs(augment=jax.random.fold_in(augment_key, index),
-                            dropout=jax.random.fold_in(dropout_key, index))
-            per_example = per_example_metrics(model(micro_images, train=True, rngs=rngs),
-                                              micro_labels)
-            return jnp.sum(per_example["loss"] * mask) / real_examples, per_example
-
-        def accumulate(grads, micro_batch):
-            (loss, per_example), micro_grads = jax.value_and_grad(loss_fn, has_aux=True)(
-                state.params, micro_batch)
+        def accumulate(grads, micro_and_index):
+            micro, index = micro_and_index
+            (loss, per_example), micro_grads = grad_fn(state.params, statistics, state,
+                                                       micro, index, real_examples)
             return jax.tree.map(jnp.add, grads, micro_grads), (loss, per_example)
 
-        micro_batches = _micro_batches(batch, pass_size, mesh)
-        indices = jnp.arange(batch_size // pass_size)
+        micros = micro_batches(examples, pass_size, mesh)
         grads, (losses, per_example) = jax.lax.scan(
-            accumulate, jax.tree.map(jnp.zeros_like, state.params), (*micro_batches, indices))
-        loss = jnp.sum(losses)
+            accumulate, jax.tree.map(jnp.zeros_like, state.params),
+            (micros, jnp.arange(batch_size // pass_size)))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-        totals = _add(totals, per_example, micro_batches[2])
-        first_bad = totals["first_nonfinite_step"]
-        totals["first_nonfinite_step"] = jnp.where(
-            (first_bad < 0) & ~jnp.isfinite(loss), new_state.step.astype(jnp.float32), first_bad)
-        return new_state, totals
+        new_state = state.replace(step=state.step + 1, opt_state=opt_state,
+                                  params=optax.apply_updates(state.params, updates))
+        return new_state, _flag_nonfinite(totals.add(per_example, micros.mask),
+                                          jnp.sum(losses), new_state.step)
 
     # totals are not donated: the progress bar reads the previous step's while this one runs.
     return jax.jit(train_step, donate_argnums=0, compiler_options=compiler_options(mesh))
 
 
-def unroll_threefry_on_cpu() -> bool:
-    """Lower JAX's threefry2x32 hash with its rounds unrolled on CPU too, as JAX does on GPU.
-
-    On CPU JAX lowers threefry as a 5-iteration loop (smaller programs), which XLA cannot
-    fuse: every iteration copies the whole state of every draw. The seed's train step draws
-    ~230M dropout bits; measured on a 2-core CPU, 170M Bernoulli draws take 2.2 s rolled and
-    0.6 s unrolled. The bits are the same (the same function, written out), so results do not
-    change. This replaces a JAX-internal lowering rule: where this JAX version has none
-    under that name, nothing changes and False is returned.
-    """
-    try:
-        from jax._src.interpreters import mlir
-        from jax._src.random import threefry2x32
-        rule = threefry2x32._threefry2x32_lowering_rule
-        primitive = threefry2x32.threefry2x32_p
-    except (ImportError, AttributeError):
-        return False
-    mlir.register_lowering(primitive, rule, platform="cpu", inline=False)
-    return True
+def _flag_nonfinite(totals: Totals, loss: jax.Array, step: jax.Array) -> Totals:
+    first = totals.first_nonfinite_step
+    return totals.replace(first_nonfinite_step=jnp.where(
+        (first < 0) & ~jnp.isfinite(loss), step, first))
 
 
 def compiler_options(mesh: Mesh | None = None) -> dict[str, str]:
@@ -172,7 +187,8 @@ def compiler_options(mesh: Mesh | None = None) -> dict[str, str]:
     On CPU, XLA's memory-optimized scheduler instead of its default (concurrency-optimized)
     one: measured on the seed train step at batch 256 (2-core CPU), 3.0 instead of 3.6 GB of
     temporaries and ~8% faster, because the default runs the backward pass' elementwise
-    recomputations early and keeps their results alive through the forward pass.
+    recomputations early and keeps their results alive through the forward pass. An option
+    of this one program, not of the process.
     """
     platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
     if platform != "cpu":
@@ -181,12 +197,12 @@ def compiler_options(mesh: Mesh | None = None) -> dict[str, str]:
 
 
 def make_eval_step(graphdef: nnx.GraphDef, mesh: Mesh | None = None):
-    """(params, statistics, totals, images, labels, batch_index) -> totals, jitted."""
+    """(params, statistics, totals, *Batch) -> totals, jitted."""
 
-    def eval_step(params, statistics, totals, images, labels, batch_index):
-        batch_images, batch_labels, mask = _gather(images, labels, batch_index, mesh)
-        logits = nnx.merge(graphdef, params, statistics)(batch_images, train=False)
-        return _add(totals, per_example_metrics(logits, batch_labels), mask)
+    def eval_step(params, statistics, totals: Totals, images, labels, batch_index):
+        examples = gather(Batch(images, labels, batch_index), mesh)
+        logits = nnx.merge(graphdef, params, statistics)(examples.images, train=False)
+        return totals.add(per_example_metrics(logits, examples.labels), examples.mask)
 
     return jax.jit(eval_step)
 

@@ -1,4 +1,4 @@
-"""Checkpoint and resume: everything a run needs to go on, saved atomically each epoch.
+"""What is saved of a run, and how: the per-epoch run state and the best model (orbax).
 
 A run is a pure function of its config: the data order of epoch e depends on (seed, e) and
 the randomness of step s on fold_in(rng, s). So the state at an epoch's end (weights,
@@ -9,45 +9,21 @@ needs to reproduce, bit for bit, the run it continues.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import shutil
-import signal
+import os
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
+from flax import nnx
 
 from vit_flax.config import ConfigError, ViTConfig
-
-RUN_STATE = "run_state"  # Inside the workdir: one orbax step per finished epoch.
-# A longer run may continue a shorter one: the only field allowed to change on resume.
-RESUMABLE_CHANGES = {"epochs"}
+from vit_flax.model import ViT
 
 
-class Interrupted(Exception):
-    """SIGTERM or SIGINT arrived: the run stopped at an epoch boundary, saved."""
-
-
-def check_workdir_config(workdir: Path, config: ViTConfig, config_file: str,
-                         overwrite: bool) -> None:
-    """Refuse to mix runs: a workdir holding another config's run is an error, unless
-    `overwrite`, which deletes that run first."""
-    path = workdir / config_file
-    if not path.is_file():
-        return
-    saved = json.loads(path.read_text())
-    current = json.loads(config.to_json())
-    differing = sorted(k for k in current.keys() | saved.keys()
-                       if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k))
-    if not differing:
-        return
-    if not overwrite:
-        raise ConfigError(f"--workdir {workdir} holds a run with another configuration (differs"
-                          f" in {', '.join(differing)}); use another --workdir, or --overwrite"
-                          f" to delete that run")
-    for entry in workdir.iterdir():
-        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+class CheckpointError(OSError):
+    """A checkpoint that cannot be written or read; the message says which and why."""
 
 
 @dataclasses.dataclass
@@ -61,11 +37,14 @@ class RunProgress:
 
 
 class RunCheckpoints:
-    def __init__(self, workdir: Path, keep: int):
+    """One orbax step per finished epoch in `directory`, the last `keep` kept."""
+
+    def __init__(self, directory: Path, keep: int, log: Callable[[str], None] = print):
+        self.log = log  # For one-line warnings (a skipped step, say).
         if keep < 1:
-            raise ConfigError(f"--keep-checkpoints must be >= 1, got {keep}")
+            raise ConfigError(f"keep_checkpoints must be >= 1, got {keep}")
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
-        self.manager = ocp.CheckpointManager((workdir / RUN_STATE).absolute(), options=options)
+        self.manager = ocp.CheckpointManager(Path(directory).absolute(), options=options)
 
     def save(self, state, progress: RunProgress) -> None:
         meta = dataclasses.asdict(progress)
@@ -103,28 +82,16 @@ def _savable(state) -> dict:
             "rng": jax.random.key_data(state.rng)}
 
 
-class StopSignals:
-    """Within the block, SIGTERM/SIGINT only set `requested`; the loop stops at a safe
-    point. The previous handlers come back afterwards."""
+def save_model(directory: str | os.PathLike, model: ViT) -> None:
+    """Write the model's weights and normalization statistics (orbax; replaces `directory`)."""
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(Path(directory).absolute(), nnx.state(model), force=True)
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self):
-        self.requested = None
-        self.previous = {}
-
-    def __enter__(self):
-        try:
-            for sig in self.SIGNALS:
-                self.previous[sig] = signal.signal(sig, self._handle)
-        except ValueError:  # Not the main thread: signals cannot be caught here.
-            self.previous.clear()
-        return self
-
-    def _handle(self, signum, frame):
-        self.requested = signal.Signals(signum).name
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-        return False
+def restore_model(directory: str | os.PathLike, config: ViTConfig) -> ViT:
+    """A ViT of `config` with the weights saved by `save_model` in `directory`."""
+    abstract = nnx.eval_shape(lambda: ViT(config, rngs=nnx.Rngs(0)))
+    graphdef, abstract_state = nnx.split(abstract)
+    with ocp.StandardCheckpointer() as checkpointer:
+        state = checkpointer.restore(Path(directory).absolute(), abstract_state)
+    return nnx.merge(graphdef, state)

@@ -1,0 +1,52 @@
+"""`run`: what train.py does, as one library call. Starts the process-wide settings and the
+distributed runtime, loads the named data set, and trains on it."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+from vit_flax import data as data_lib
+from vit_flax import runtime
+from vit_flax.config import ConfigError, ViTConfig
+from vit_flax.trainer import check_train_options, train
+from vit_flax.workdir import ensure_directory
+
+
+def run(config: ViTConfig, *, dataset: str = "cifar100", data_dir: str | None = None,
+        workdir: str = "workdir", train_examples: int | None = None,
+        test_examples: int | None = None, coordinator_address: str | None = None,
+        num_processes: int | None = None, process_id: int | None = None,
+        overwrite: bool = False, allow_non_empty: bool = False, keep_checkpoints: int = 2,
+        log_every: int = 0, unroll_threefry: bool = True,
+        compilation_cache: str | os.PathLike | None = runtime.DEFAULT) -> dict:
+    """Load the named data set, then `train` on it. Everything train.py does.
+
+    With `coordinator_address` (several processes or hosts), JAX's distributed runtime is
+    started first and the devices of every process form one data-parallel mesh. With
+    `unroll_threefry` (the default), JAX's CPU lowering of its random hash is replaced for
+    this process by the unrolled one (runtime.unroll_threefry_on_cpu: same bits, faster).
+    Compiled programs are cached in `compilation_cache` (default:
+    runtime.default_compilation_cache(); None: no cache).
+    Options are checked before any data is read.
+    """
+    for name, value in (("train_examples", train_examples), ("test_examples", test_examples)):
+        if value is not None and value <= 0:
+            raise ConfigError(f"{name} must be a positive integer, got {value}")
+    check_train_options(keep_checkpoints=keep_checkpoints, log_every=log_every)
+    if coordinator_address is not None:
+        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    if unroll_threefry:
+        runtime.unroll_threefry_on_cpu()
+    if compilation_cache is not None:
+        runtime.use_compilation_cache(runtime.default_compilation_cache()
+                                      if compilation_cache is runtime.DEFAULT
+                                      else compilation_cache)
+    ensure_directory(workdir)  # Fail on an unusable workdir before the data is read.
+    splits = data_lib.load(dataset, data_dir, config.input_size)
+    splits = data_lib.Splits(splits.train.take(train_examples),
+                             splits.test and splits.test.take(test_examples), splits.class_names)
+    return train(config.replace(num_classes=splits.num_classes), splits, workdir,
+                 overwrite=overwrite, allow_non_empty=allow_non_empty,
+                 keep_checkpoints=keep_checkpoints, log_every=log_every)

@@ -1,0 +1,179 @@
+"""The workdir: what a run writes where, whose files are whose, and who may write there.
+
+A directory is a vit_flax run only when it holds vit_flax's marker (`MARKER`, written when
+the run is created, with the run's configuration). Only the entries named in `OWN_ENTRIES`
+are ever written, replaced or deleted by vit_flax; anything else in the directory is the
+user's and is never touched. A lock (`LOCK`, an flock that the kernel releases when the
+process dies) keeps two processes from training into one workdir at the same time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import json
+import os
+import shutil
+from pathlib import Path
+
+from vit_flax.config import ConfigError, ViTConfig
+
+MARKER = ".vit_flax-run.json"  # This directory is a vit_flax run; holds its configuration.
+LOCK = ".vit_flax.lock"  # Held (flock) by the process training here; holds its pid.
+CONFIG_FILE = "config.json"  # The run's configuration, for people and `vit_flax.load`.
+HISTORY_FILE = "history.json"  # One row of metrics per finished epoch.
+RESULTS_FILE = "results.json"  # Test metrics, best epoch, config, versions.
+BEST_CHECKPOINT = "best_checkpoint"  # The best-by-val_accuracy model (orbax).
+RUN_STATE = "run_state"  # One orbax step per finished epoch, for resuming.
+TENSORBOARD = "tensorboard"  # TensorBoard event files.
+FIGURES = ("loss.png", "top-5-accuracy.png", "patches.png")
+OWN_ENTRIES = (MARKER, LOCK, CONFIG_FILE, HISTORY_FILE, RESULTS_FILE, BEST_CHECKPOINT,
+               RUN_STATE, TENSORBOARD, *FIGURES)
+# A longer run may continue a shorter one: the only field allowed to change on resume.
+RESUMABLE_CHANGES = {"epochs"}
+
+
+def ensure_directory(workdir: str | os.PathLike) -> Path:
+    """The workdir as a Path, created if missing; a one-line ConfigError if it cannot be."""
+    if not str(workdir).strip():
+        raise ConfigError("workdir is empty; give a directory (use '.' for this one)")
+    path = Path(workdir)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"workdir {path} is a file; give a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".vit_flax-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise ConfigError(f"workdir {path} is not writable ({error.strerror})") from None
+    return path
+
+
+def is_run(path: Path) -> bool:
+    return (path / MARKER).is_file()
+
+
+def saved_config(path: Path) -> dict:
+    """The configuration recorded in the run's marker."""
+    try:
+        saved = json.loads((path / MARKER).read_text())["config"]
+        if not isinstance(saved, dict):
+            raise TypeError(type(saved).__name__)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ConfigError(f"workdir {path}: its run marker {MARKER} is unreadable ({error}); "
+                          f"use another workdir") from None
+    return saved
+
+
+def differing_fields(saved: dict, config: ViTConfig) -> list[str]:
+    current = json.loads(config.to_json())
+    return sorted(k for k in current.keys() | saved.keys()
+                  if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k))
+
+
+def claim(path: Path, config: ViTConfig, *, overwrite: bool = False,
+          allow_non_empty: bool = False) -> bool:
+    """Make `path` the run of `config`; True when it already was (the run resumes).
+
+    - A run of the same config (all but `epochs`): resumed.
+    - A run of another config: an error, unless `overwrite`, which deletes that run's own
+      entries (OWN_ENTRIES) and nothing else, then starts afresh.
+    - Not a run and empty: becomes one. Not a run and not empty: an error unless
+      `allow_non_empty`; even then, an entry vit_flax would write (a user's own
+      history.json, say) is never overwritten: an error names it.
+    `overwrite` never deletes anything in a directory that is not a run.
+    """
+    if is_run(path):
+        differing = differing_fields(saved_config(path), config)
+        if not differing:
+            return True
+        if not overwrite:
+            raise ConfigError(
+                f"workdir {path} holds a run with another configuration (differs in "
+                f"{', '.join(differing)}); use another workdir, or overwrite=True to delete "
+                f"that run (only vit_flax's own files; anything else there is kept)")
+        delete_run(path)
+    else:
+        _check_foreign_directory(path, allow_non_empty)
+    write_json(path / MARKER, {"vit_flax": "run", "config": json.loads(config.to_json())})
+    return False
+
+
+def _check_foreign_directory(path: Path, allow_non_empty: bool) -> None:
+    entries = sorted(p.name for p in path.iterdir() if p.name != LOCK)
+    if not entries:
+        return
+    if not allow_non_empty:
+        raise ConfigError(
+            f"workdir {path} is not empty and is not a vit_flax run (it holds "
+            f"{_listing(entries)}); use an empty or new directory, or allow_non_empty=True "
+            f"to add a run beside those files")
+    clashes = sorted(set(entries) & set(OWN_ENTRIES))
+    if clashes:
+        raise ConfigError(
+            f"workdir {path} is not a vit_flax run but holds {_listing(clashes)}, which a "
+            f"run would overwrite; move them or use another directory")
+
+
+def _listing(names: list[str], most: int = 5) -> str:
+    shown = ", ".join(names[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def delete_run(path: Path) -> None:
+    """Delete the run's own entries (never anything else) and its marker last, so that an
+    interrupted delete still leaves a directory recognised as a run."""
+    for name in OWN_ENTRIES:
+        entry = path / name
+        if name in (MARKER, LOCK) or not (entry.exists() or entry.is_symlink()):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    (path / MARKER).unlink()
+
+
+def write_json(path: Path, value) -> None:
+    """Written whole or not at all: readers never see a half-written file."""
+    partial = path.with_name(path.name + ".tmp")
+    try:
+        partial.write_text(json.dumps(value, indent=2) + "\n")
+        partial.replace(path)
+    except OSError as error:
+        partial.unlink(missing_ok=True)
+        raise ConfigError(f"cannot write {path} ({error.strerror})") from None
+
+
+@dataclasses.dataclass
+class Lock:
+    """An exclusive flock on workdir/LOCK, holding the owner's pid. The kernel releases it
+    when the process ends, however it ends (SIGKILL included): no stale locks."""
+
+    path: Path
+    handle: object = None
+
+    def __enter__(self) -> Lock:
+        handle = open(self.path / LOCK, "a+")  # noqa: SIM115 - held until __exit__.
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise ConfigError(f"workdir {self.path} is in use by another training process "
+                              f"(pid {holder}); wait for it or use another workdir") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        self.handle = handle
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        with contextlib.suppress(OSError):
+            fcntl.flock(self.handle, fcntl.LOCK_UN)
+        self.handle.close()
+        return False
