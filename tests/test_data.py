@@ -353,23 +353,6 @@ def test_folder_order_is_one_fixed_shuffle(tmp_path):
     assert len(validation) == 4 and len(set(validation.labels.tolist())) > 1
 
 
-def test_folder_test_class_unknown_to_train_is_an_error(tmp_path):
-    root = write_image_folder(tmp_path, classes=("cat", "dog"), train_per_class=1)
-    write_image_folder(tmp_path, classes=("cat", "emu"), train_per_class=0, test_per_class=1)
-    with pytest.raises(DataError, match="emu"):
-        data.load_folder(root, input_size=8)
-
-
-def test_folder_without_images_is_an_error(tmp_path):
-    (tmp_path / "train").mkdir()
-    with pytest.raises(DataError, match="no class folders"):
-        data.load_folder(tmp_path, input_size=8)
-    (tmp_path / "train" / "cat").mkdir()
-    (tmp_path / "train" / "cat" / "notes.txt").write_text("not an image")
-    with pytest.raises(DataError, match="no images"):
-        data.load_folder(tmp_path, input_size=8)
-
-
 def test_folder_with_a_corrupt_image_names_it(tmp_path):
     root = write_image_folder(tmp_path, train_per_class=2)
     bad = root / "train" / "dog" / "0001.png"
@@ -377,6 +360,190 @@ def test_folder_with_a_corrupt_image_names_it(tmp_path):
     with pytest.raises(DataError) as error:
         data.load_folder(root, input_size=8)
     assert str(bad) in str(error.value)
+
+
+def solid(path: Path, colour, size: int = 8, **save) -> Path:
+    """A one-colour RGB image at `path` (its folders created), in the format of its suffix."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (size, size), colour).save(path, **save)
+    return path
+
+
+def folder_error(root: Path) -> str:
+    with pytest.raises(DataError) as error:
+        data.load_folder(root, input_size=8)
+    return str(error.value)
+
+
+def test_folder_reads_every_format_pillow_reads(tmp_path):
+    colours = {"bmp": (1, 2, 3), "gif": (40, 50, 60), "png": (70, 80, 90),
+               "tif": (100, 110, 120), "webp": (130, 140, 150)}
+    for name, colour in colours.items():
+        for i in range(3 if name == "webp" else 2):
+            # Upper-case suffixes count too; lossless WebP keeps the colour exact.
+            suffix = name.upper() if name == "png" else name
+            solid(tmp_path / "train" / name / f"{i}.{suffix}", colour, lossless=True)
+    (tmp_path / "train" / "webp" / "notes.txt").write_text("not an image")
+    (tmp_path / "train" / "webp" / "scan.pdf").write_text("Pillow writes PDF, never reads it")
+    splits = data.load_folder(tmp_path, input_size=8)
+    assert splits.class_names == ("bmp", "gif", "png", "tif", "webp")
+    np.testing.assert_array_equal(np.bincount(splits.train.labels), [2, 2, 2, 2, 3])
+    for image, label in zip(splits.train.images, splits.train.labels, strict=True):
+        colour = colours[splits.class_names[label]]
+        np.testing.assert_array_equal(image, np.broadcast_to(colour, (8, 8, 3)))
+    suffixes = data.image_suffixes()
+    assert {".webp", ".avif", ".tiff", ".jpeg", ".pgm"} <= suffixes
+    assert not {".pdf", ".txt", ".h5"} & suffixes  # Save-only, no image, a stub: none read.
+
+
+def test_folder_skips_hidden_and_tool_folders_and_hidden_files(tmp_path):
+    root = write_image_folder(tmp_path, classes=("cat", "dog"), train_per_class=2,
+                              test_per_class=1)
+    for split in ("train", "test"):
+        solid(root / split / ".ipynb_checkpoints" / "0000-checkpoint.png", (9, 9, 9))
+        solid(root / split / "__MACOSX" / "cat" / "0000.png", (9, 9, 9))
+        (root / split / "__pycache__").mkdir()
+        (root / split / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (root / "train" / ".hidden").mkdir()
+    # A macOS resource fork: AppleDouble bytes under an image's name, no image.
+    (root / "train" / "cat" / "._0000.png").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00")
+    splits = data.load_folder(root, input_size=8)
+    assert splits.class_names == ("cat", "dog")
+    assert len(splits.train) == 4 and len(splits.test) == 2
+
+
+@pytest.mark.parametrize("split, target", [("train", "train"), ("train", "."),
+                                           ("test", "."), ("test", "test")])
+def test_folder_symlink_to_an_enclosing_folder_is_refused(tmp_path, split, target):
+    root = write_image_folder(tmp_path, classes=("cat", "dog"), train_per_class=1,
+                              test_per_class=1)
+    link = root / split / "loop"
+    link.symlink_to((root / target).resolve(), target_is_directory=True)
+    assert folder_error(root) == (f"{link} links to {(root / target).resolve()}, which contains "
+                                  f"it: a class folder cannot hold the data set itself; remove "
+                                  f"the link")
+
+
+def test_folder_class_may_be_a_symlink_to_a_folder_elsewhere(tmp_path):
+    root = write_image_folder(tmp_path / "data", classes=("cat", "dog"), train_per_class=2)
+    for i in range(3):
+        solid(tmp_path / "elsewhere" / "birds" / f"{i}.png", (5, 6, 7))
+    (root / "train" / "bird").symlink_to(tmp_path / "elsewhere" / "birds")
+    splits = data.load_folder(root, input_size=8)
+    assert splits.class_names == ("bird", "cat", "dog")
+    np.testing.assert_array_equal(np.bincount(splits.train.labels), [3, 2, 2])
+
+
+def test_folder_two_classes_in_one_folder_are_refused(tmp_path):
+    root = write_image_folder(tmp_path, classes=("cat", "dog"), train_per_class=2)
+    (root / "train" / "kitty").symlink_to(root / "train" / "cat")
+    assert folder_error(root) == (
+        f"{root / 'train' / 'kitty'} and {root / 'train' / 'cat'} are the same folder "
+        f"({(root / 'train' / 'cat').resolve()}): its images would have two labels; remove one "
+        f"of them")
+
+
+@pytest.mark.parametrize("split, files, held", [
+    ("train", ("notes.txt", "scan.pdf"), "it holds only notes.txt, scan.pdf"),
+    ("train", (), "it is empty"),
+    ("train", ("._0.png",), "it holds only ._0.png"),  # Resource forks are no images.
+    ("test", ("a.txt", "b.txt", "c.txt", "d.txt", "e.txt", "f.txt", "g.txt"),
+     "it holds only a.txt, b.txt, c.txt, d.txt, e.txt and 2 more"),
+])
+def test_folder_class_without_images_names_it_and_its_files(tmp_path, split, files, held):
+    root = write_image_folder(tmp_path, classes=("cat", "dog"), train_per_class=2,
+                              test_per_class=1)
+    folder = root / split / "frog"
+    folder.mkdir()
+    other = "test" if split == "train" else "train"
+    solid(root / other / "frog" / "0.png", (1, 1, 1))  # So that only `folder` lacks images.
+    for name in files:
+        (folder / name).write_text("not an image")
+    assert folder_error(root) == (f"{folder} has no images ({held}); expected image files "
+                                  f"(.png, .jpg, .webp, ... any format Pillow reads): add some "
+                                  f"or remove the folder")
+
+
+@pytest.mark.parametrize("classes, found", [((), "0 class folder(s)"),
+                                            (("cat",), "1 class folder(s) (cat)")])
+def test_folder_with_fewer_than_two_classes_is_refused(tmp_path, classes, found):
+    # One class trains, and its test accuracy is 100% whatever the model does.
+    (tmp_path / "train").mkdir()
+    write_image_folder(tmp_path, classes=classes, train_per_class=3, test_per_class=1)
+    (tmp_path / "train" / ".ipynb_checkpoints").mkdir()  # Not a class.
+    assert folder_error(tmp_path) == (f"{tmp_path / 'train'} has {found}, expected at least two "
+                                      f"(train/<class>/<images>): one class has nothing to tell "
+                                      f"apart")
+
+
+@pytest.mark.parametrize("test_classes, problem", [
+    (("cat", "dog", "emu"), "has emu, which train/ lacks"),
+    (("cat",), "lacks dog"),
+    (("cat", "emu"), "has emu, which train/ lacks and lacks dog"),
+    ((), "lacks cat, dog"),
+])
+def test_folder_test_classes_must_be_train_classes(tmp_path, test_classes, problem):
+    root = write_image_folder(tmp_path, classes=("cat", "dog"), train_per_class=1)
+    (root / "test").mkdir()
+    write_image_folder(tmp_path, classes=test_classes, train_per_class=0, test_per_class=1)
+    assert folder_error(root) == (f"{root / 'test'} {problem}: test/ must hold the class "
+                                  f"folders of train/ (cat, dog); add or remove folders")
+
+
+def write_with_pillow(path: Path, pixels: np.ndarray) -> Path:
+    """`pixels` as Pillow stores their dtype: uint16 is mode I;16, >u2 I;16B, int32 I."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+# 16-bit levels at the edges of 8-bit ones: v * 257 (8-bit v scaled up), v * 256, v * 256 - 1.
+LEVELS = np.array([0, 255, 256, 257, 511, 512, 32767, 32768, 32896, 65279, 65280, 65535]
+                  + list(range(1000, 65535, 1248)), np.uint16)[:64].reshape(8, 8)
+
+
+@pytest.mark.parametrize("suffix, dtype, mode", [(".png", "<u2", "I;16"),
+                                                 (".tif", ">u2", "I;16B"),
+                                                 (".pgm", "<u2", "I")])
+def test_folder_16_bit_images_keep_their_high_byte(tmp_path, suffix, dtype, mode):
+    path = write_with_pillow(tmp_path / "train" / "deep" / f"a{suffix}", LEVELS.astype(dtype))
+    with Image.open(path) as image:
+        assert image.mode == mode  # Each 16-bit mode Pillow reads these files in.
+    solid(tmp_path / "train" / "plain" / "a.png", (0, 0, 0))
+    splits = data.load_folder(tmp_path, input_size=8)
+    deep = splits.train.images[list(splits.train.labels).index(0)]
+    np.testing.assert_array_equal(deep, np.repeat((LEVELS >> 8)[..., None], 3, axis=-1))
+    assert deep[..., 0].reshape(-1)[:12].tolist() == [0, 0, 1, 1, 1, 2, 127, 128, 128, 254,
+                                                      255, 255]
+
+
+def test_folder_32_bit_images_in_8_bits_are_kept_and_beyond_16_bits_refused(tmp_path):
+    levels = np.arange(0, 256, 4, dtype=np.int32).reshape(8, 8)
+    write_with_pillow(tmp_path / "train" / "eight" / "a.tif", levels)
+    solid(tmp_path / "train" / "plain" / "a.png", (0, 0, 0))
+    splits = data.load_folder(tmp_path, input_size=8)
+    eight = splits.train.images[list(splits.train.labels).index(0)]
+    np.testing.assert_array_equal(eight, np.repeat(levels[..., None], 3, axis=-1))
+    bad = write_with_pillow(tmp_path / "train" / "eight" / "b.tif", levels - 5)
+    assert folder_error(tmp_path) == (f"cannot read image {bad}: its 32-bit pixels span "
+                                      f"[-5, 247], outside 16 bits (0..65535); save it with 8 or "
+                                      f"16 bits a channel")
+
+
+@pytest.mark.parametrize("limit, pillow_limit", [(200, 200), (100, 200)],
+                         ids=["pillow-warns", "pillow-raises"])
+def test_folder_decompression_bomb_is_refused(tmp_path, monkeypatch, recwarn, limit,
+                                              pillow_limit):
+    # Pillow warns above MAX_IMAGE_PIXELS and raises above twice that: 16x16 = 256 pixels
+    # is in the first range for a limit of 200 and in the second for 100; 8x8 is in neither.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
+    root = write_image_folder(tmp_path, classes=("cat", "dog"), train_per_class=3)
+    bomb = solid(root / "train" / "dog" / "bomb.png", (1, 2, 3), size=16)
+    assert folder_error(root) == (
+        f"refusing image {bomb}: Image size (256 pixels) exceeds limit of {pillow_limit} pixels,"
+        f" could be decompression bomb DOS attack. Shrink it, or raise PIL.Image.MAX_IMAGE_PIXELS"
+        f" (now {limit}) if you trust it")
+    assert not [w for w in recwarn if w.category is Image.DecompressionBombWarning]
 
 
 # --- numpy arrays ----------------------------------------------------------------------------

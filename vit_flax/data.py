@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import io
 import math
 import os
 import pickle
 import tarfile
 import urllib.request
+import warnings
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 CIFAR = {
     # name: (archive, folder inside it, train members, test member, label key, classes)
@@ -28,7 +31,6 @@ CIFAR = {
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/"
 # Where keras.datasets caches the same archives: a Keras user already has them there.
 KERAS_CACHE = Path("~/.keras/datasets").expanduser()
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 # Folder images are read class by class; one fixed shuffle (as image_dataset_from_directory's
 # shuffle=True) keeps the last-10% validation split from being the last classes only.
 FOLDER_SHUFFLE_SEED = 1337
@@ -242,43 +244,157 @@ def load_cifar(name: str, data_dir: str | os.PathLike | None = None,
 
 # --- image folders ---------------------------------------------------------------------------
 
-def _read_image(path: Path, size: int) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+# Tool folders that archivers and Python leave next to data; hidden (".*") ones are skipped too.
+TOOL_FOLDERS = frozenset({"__MACOSX", "__pycache__"})
+# Modes of one 16-bit channel; "I" (32-bit) holds 16-bit data too, e.g. a 16-bit PGM's.
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 
+
+@functools.cache
+def image_suffixes() -> frozenset[str]:
+    """Every file name suffix of a format Pillow reads pixels from (.png, .jpg, .webp, .tif, ...).
+
+    Stub formats (BUFR, GRIB, HDF5, WMF) are left out: Pillow only identifies those files and
+    needs a decoder from outside to read them, so a stray data.h5 is not taken for an image.
+    """
+    Image.init()  # Registers every plugin's suffixes, not just those of the common formats.
+    return frozenset(
+        suffix for suffix, image_format in Image.registered_extensions().items()
+        if image_format in Image.OPEN and not _is_stub(Image.OPEN[image_format][0]))
+
+
+def _is_stub(factory) -> bool:
+    return isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile)
+
+
+def _some(names) -> str:
+    """A short list for a one-line message: the first five names, then how many more."""
+    names = list(names)
+    more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+    return ", ".join(names[:5]) + more
+
+
+def _check_pixel_count(image: Image.Image) -> None:
+    """Pillow only warns between MAX_IMAGE_PIXELS and twice that (and raises above): refuse
+    the whole range, so a decompression bomb is not decoded into memory."""
+    limit = Image.MAX_IMAGE_PIXELS
+    pixels = image.width * image.height
+    if limit is not None and pixels > limit:
+        raise Image.DecompressionBombError(
+            f"Image size ({pixels} pixels) exceeds limit of {limit} pixels, could be "
+            f"decompression bomb DOS attack.")
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """RGB with 8 bits a channel. convert("RGB") clips 16-bit values to 255 (a white image);
+    here they keep their high byte (value >> 8), as Pillow itself reads 16-bit RGB PNGs, so a
+    16-bit gray image matches its RGB copy, and 8-bit values stored as v * 257 come back as v."""
+    if image.mode not in (*SIXTEEN_BIT_MODES, "I"):
+        return image.convert("RGB")
+    pixels = np.asarray(image, np.int64)
+    low, high = int(pixels.min()), int(pixels.max())
+    if low < 0 or high > 65535:
+        raise ValueError(f"its 32-bit pixels span [{low}, {high}], outside 16 bits (0..65535); "
+                         f"save it with 8 or 16 bits a channel")
+    # "I" pixels that all fit 8 bits are 8-bit data (what convert("RGB") keeps as they are).
+    if image.mode != "I" or high > 255:
+        pixels = pixels >> 8
+    return Image.fromarray(pixels.astype(np.uint8)).convert("RGB")
+
+
+def _read_image(path: Path, size: int) -> np.ndarray:
     try:
         with Image.open(path) as image:
-            image = image.convert("RGB")
+            _check_pixel_count(image)
+            image = _to_rgb(image)
             if image.size != (size, size):
                 image = image.resize((size, size), Image.Resampling.BILINEAR)
             return np.asarray(image, np.uint8)
+    except Image.DecompressionBombError as error:
+        raise DataError(f"refusing image {path}: {error} Shrink it, or raise "
+                        f"PIL.Image.MAX_IMAGE_PIXELS (now {Image.MAX_IMAGE_PIXELS}) if you "
+                        f"trust it") from None
     except (UnidentifiedImageError, OSError, ValueError) as error:
         raise DataError(f"cannot read image {path}: {error}") from None
 
 
-def _read_class_folders(root: Path, class_names: tuple[str, ...], size: int) -> Dataset:
-    files, labels = [], []
-    for label, name in enumerate(class_names):
-        folder = root / name
-        if not folder.is_dir():
+def _read_images(files: list[Path], size: int) -> np.ndarray:
+    # Pillow's DecompressionBombWarning would repeat _read_image's refusal of the same image.
+    # The filters are global: set once here, not per (thread-unsafe) call of _read_image.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
+            return np.stack(list(pool.map(lambda p: _read_image(p, size), files)))
+
+
+def _class_folders(split_root: Path) -> dict[str, Path]:
+    """train/'s or test/'s class folders by name, sorted; hidden and tool folders are none."""
+    folders, seen = {}, {}
+    for path in sorted(split_root.iterdir()):
+        if path.name.startswith(".") or path.name in TOOL_FOLDERS or not path.is_dir():
             continue
-        found = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        target = path.resolve()  # A symlink to a folder elsewhere is a class like any other.
+        if split_root.resolve().is_relative_to(target):
+            raise DataError(f"{path} links to {target}, which contains it: a class folder "
+                            f"cannot hold the data set itself; remove the link")
+        if target in seen:
+            raise DataError(f"{path} and {seen[target]} are the same folder ({target}): its "
+                            f"images would have two labels; remove one of them")
+        folders[path.name] = seen[target] = path
+    return folders
+
+
+def _list_images(folders: list[Path]) -> tuple[list[Path], list[int]]:
+    """The image files of each class folder and their labels (the folder's index)."""
+    files, labels = [], []
+    for label, folder in enumerate(folders):
+        entries = sorted(folder.iterdir())
+        # Hidden files are no images (macOS' ._name.jpg resource forks are AppleDouble data).
+        found = [p for p in entries if not p.name.startswith(".")
+                 and p.suffix.lower() in image_suffixes() and p.is_file()]
+        if not found:
+            held = f"it holds only {_some(p.name for p in entries)}" if entries else "it is empty"
+            raise DataError(f"{folder} has no images ({held}); expected image files (.png, .jpg, "
+                            f".webp, ... any format Pillow reads): add some or remove the folder")
         files += found
         labels += [label] * len(found)
-    if not files:
-        raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {root}/<class>/")
+    return files, labels
+
+
+def _test_folders(test_root: Path, class_names: tuple[str, ...]) -> list[Path]:
+    """test/'s class folders in train/'s class order; both must name the same classes."""
+    folders = _class_folders(test_root)
+    extra = sorted(set(folders) - set(class_names))
+    missing = [name for name in class_names if name not in folders]
+    if extra or missing:
+        problems = ([f"has {_some(extra)}, which train/ lacks"] if extra else []) + (
+            [f"lacks {_some(missing)}"] if missing else [])
+        raise DataError(f"{test_root} {' and '.join(problems)}: test/ must hold the class "
+                        f"folders of train/ ({_some(class_names)}); add or remove folders")
+    return [folders[name] for name in class_names]
+
+
+def _read_dataset(files: list[Path], labels: list[int], size: int) -> Dataset:
     order = np.random.default_rng(FOLDER_SHUFFLE_SEED).permutation(len(files))
-    files = [files[i] for i in order]
-    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
-        images = list(pool.map(lambda p: _read_image(p, size), files))
-    return Dataset(np.stack(images), np.array(labels, np.int32)[order])
+    images = _read_images([files[i] for i in order], size)
+    return Dataset(images, np.array(labels, np.int32)[order])
 
 
 def load_folder(data_dir: str | os.PathLike, input_size: int = 32) -> Splits:
-    """The user's images: data_dir/train/<class>/*.{jpg,jpeg,png}, optionally data_dir/test/.
+    """The user's images: data_dir/train/<class>/<image files>, optionally data_dir/test/.
 
-    Classes are the sorted folder names of train/; images of another size are resized
-    (bilinear) to input_size x input_size, grayscale and RGBA converted to RGB. The examples
-    come in one fixed shuffled order (FOLDER_SHUFFLE_SEED), not class by class.
+    - Classes are the sorted folder names of train/, at least two; folders named ".*",
+      __MACOSX or __pycache__ are not classes. A class may be a symlink to a folder elsewhere,
+      not to a folder that contains it (a loop) nor to another class's folder (a DataError).
+    - Images are the files whose suffix is that of a format Pillow reads (image_suffixes(): .png,
+      .jpg, .webp, .tif, .bmp, .gif, ...), except hidden ones (".*", e.g. macOS' ._a.jpg).
+      Every class folder must hold at least one; other files are skipped.
+    - test/, when there, must hold the same class folders as train/, each with images.
+    - Images of another size are resized (bilinear) to input_size x input_size; grayscale,
+      RGBA and palette images become RGB; 16-bit images keep their high byte (value >> 8).
+      Images of more than PIL.Image.MAX_IMAGE_PIXELS pixels are refused (decompression bombs).
+    - The examples come in one fixed shuffled order (FOLDER_SHUFFLE_SEED), not class by class.
+    Any breach is a one-line DataError naming the folder or file.
     """
     root = Path(data_dir).expanduser()
     train_root = root / "train"
@@ -286,17 +402,18 @@ def load_folder(data_dir: str | os.PathLike, input_size: int = 32) -> Splits:
         raise DataError(f"--data-dir {root} does not exist")
     if not train_root.is_dir():
         raise DataError(f"--data-dir {root} must contain train/<class>/ folders of images")
-    class_names = tuple(sorted(p.name for p in train_root.iterdir() if p.is_dir()))
-    if not class_names:
-        raise DataError(f"{train_root} has no class folders: expected {train_root}/<class>/*.jpg")
-    test = None
-    test_root = root / "test"
+    classes = _class_folders(train_root)
+    if len(classes) < 2:
+        found = f" ({_some(classes)})" if classes else ""
+        raise DataError(f"{train_root} has {len(classes)} class folder(s){found}, expected at "
+                        f"least two (train/<class>/<images>): one class has nothing to tell apart")
+    class_names = tuple(classes)
+    # Every folder is listed and checked before any image is decoded (that may take minutes).
+    listed = _list_images(list(classes.values()))
+    test_root, test = root / "test", None
     if test_root.is_dir():
-        unknown = sorted({p.name for p in test_root.iterdir() if p.is_dir()} - set(class_names))
-        if unknown:
-            raise DataError(f"{test_root} has classes that train/ lacks: {', '.join(unknown)}")
-        test = _read_class_folders(test_root, class_names, input_size)
-    return Splits(_read_class_folders(train_root, class_names, input_size), test, class_names)
+        test = _read_dataset(*_list_images(_test_folders(test_root, class_names)), input_size)
+    return Splits(_read_dataset(*listed, input_size), test, class_names)
 
 
 def load(dataset: str, data_dir: str | os.PathLike | None = None, input_size: int = 32) -> Splits:

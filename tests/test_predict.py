@@ -1,0 +1,68 @@
+"""predict's input checks: inputs that would give wrong logits, not an error, are refused."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import random_images
+
+import vit_flax
+
+
+@pytest.fixture
+def model(tiny_config):
+    """Adapted on uint8 pixels, as train.py adapts every model: channel means near 127.5."""
+    return vit_flax.create_model(tiny_config, random_images(16, 8, seed=1))
+
+
+def test_unit_floats_for_a_model_adapted_on_0_255_pixels_are_refused(model):
+    images = random_images(5, 8) / np.float32(255)  # In [0, 1]: what torchvision's ToTensor gives.
+    mean = np.round(np.asarray(model.data_augmentation.normalization.mean[...]), 1).tolist()
+    assert min(mean) > 100
+    with pytest.raises(ValueError) as error:
+        vit_flax.predict(model, images)
+    assert str(error.value) == (
+        f"predict got float images in [0, 1], but this model was adapted on pixels in 0..255 "
+        f"(channel means {mean}); pass raw pixels: uint8, or floats in 0..255 (e.g. images * 255)")
+
+
+def test_float_pixels_in_0_255_give_the_uint8_logits(model):
+    images = random_images(11, 8)
+    expected = vit_flax.predict(model, images, batch_size=4)  # Three batches, the last padded.
+    floats = vit_flax.predict(model, images.astype(np.float32), batch_size=4)
+    np.testing.assert_allclose(floats, expected, rtol=1e-6, atol=1e-6)
+    assert floats.shape == (11, 3)
+
+
+def test_unit_floats_for_a_model_adapted_on_unit_floats_are_accepted(tiny_config):
+    model = vit_flax.create_model(tiny_config, random_images(16, 8, seed=1) / np.float32(255))
+    images = random_images(5, 8) / np.float32(255)
+    np.testing.assert_allclose(vit_flax.predict(model, images, batch_size=8),
+                               np.asarray(model(jnp.asarray(images))), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_pixels_are_refused(model, bad):
+    images = random_images(3, 8).astype(np.float32)
+    images[1, 2, 3, 0] = images[2, 0, 0, 1] = bad
+    with pytest.raises(ValueError) as error:
+        vit_flax.predict(model, images)
+    assert str(error.value) == ("predict got 2 non-finite pixel values (NaN or inf); pass "
+                                "finite pixels")
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, 2.5, True, "4"])
+def test_batch_size_must_be_a_positive_integer(model, batch_size):
+    # -1 returned an empty array and True ran as 1; 0, 2.5 and "4" failed inside range().
+    with pytest.raises(ValueError) as error:
+        vit_flax.predict(model, random_images(3, 8), batch_size=batch_size)
+    assert str(error.value) == f"batch_size must be a positive integer, got {batch_size!r}"
+
+
+def test_numpy_integer_batch_size_and_an_empty_batch_are_accepted(model):
+    images = random_images(3, 8)
+    np.testing.assert_allclose(vit_flax.predict(model, images, batch_size=np.int64(2)),
+                               vit_flax.predict(model, images, batch_size=2), rtol=0, atol=0)
+    empty = vit_flax.predict(model, np.zeros((0, 8, 8, 3), np.float32))
+    assert empty.shape == (0, 3) and empty.dtype == np.float32
