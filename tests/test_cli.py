@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import urllib.request
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
-from conftest import TINY_FLAGS, random_images, write_image_folder
+from conftest import TINY, TINY_FLAGS, random_images, write_image_folder
 
 import vit_flax
+import vit_flax.data
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -61,9 +65,14 @@ def test_train_py_end_to_end(image_folder, tmp_path):
     assert all(math.isfinite(value) for value in history[0].values())
 
     results = json.loads((workdir / "results.json").read_text())
-    assert math.isfinite(results["test_loss"])
-    for name in ("test_accuracy", "test_top-5-accuracy"):
-        assert 0.0 <= results[name] <= 1.0
+    # The test metrics are the best model's on the held-out images, recomputed here.
+    model, config = vit_flax.load(workdir)
+    test = vit_flax.data.load_folder(image_folder, 8).test
+    logits = vit_flax.predict(model, test.images)
+    assert results["test_accuracy"] == pytest.approx(
+        np.mean(logits.argmax(-1) == test.labels), abs=1e-7)
+    loss = -np.take_along_axis(jax.nn.log_softmax(logits), test.labels[:, None], 1).mean()
+    assert results["test_loss"] == pytest.approx(float(loss), rel=1e-5)
     # 3 classes: the true label is always among the top 5.
     assert results["test_top-5-accuracy"] == 1.0
     assert results["devices"] == 1 and results["best_epoch"] == 1
@@ -82,7 +91,6 @@ def test_train_py_end_to_end(image_folder, tmp_path):
     assert f"Test accuracy: {accuracy}%" in lines
     assert f"Test top 5 accuracy: {round(results['test_top-5-accuracy'] * 100, 2)}%" in lines
 
-    model, config = vit_flax.load(workdir)
     assert config.to_json() == (workdir / "config.json").read_text().strip()
     logits = vit_flax.predict(model, random_images(5, 8))
     assert logits.shape == (5, 3) and np.isfinite(logits).all()
@@ -117,20 +125,22 @@ def folder_args(images: Path, tmp_path: Path, *extra: str) -> list[str]:
 
 
 @pytest.mark.parametrize("flags, expected", [
-    (["--batch-size", "0"], "batch_size"),
-    (["--batch-size", "-8"], "batch_size"),
+    (["--batch-size", "0"], "--batch-size must be a positive integer, got 0"),
+    (["--batch-size", "-8"], "--batch-size must be a positive integer"),
     (["--epochs", "-1"], "epochs"),
-    (["--image-size", "13"], "divisible"),  # 13 is not a multiple of --patch-size 4.
-    (["--projection-dim", "0"], "projection_dim"),
-    (["--head", "mean"], "head"),
-    (["--mlp-head-units", "16,0"], "mlp_head_units"),
-    (["--validation-split", "1"], "validation_split"),
+    (["--image-size", "13"],  # 13 is not a multiple of --patch-size 4.
+     "--image-size (13) must be divisible by --patch-size (4); e.g. --image-size 12"),
+    (["--projection-dim", "0"], "--projection-dim"),
+    (["--mlp-head-units", "16,0"], "--mlp-head-units"),
+    (["--validation-split", "1"], "--validation-split must be in [0, 1)"),
     (["--train-examples", "0"], "train-examples"),
     (["--test-examples", "-1"], "test-examples"),
-    (["--train-examples", "1"], "validation_split"),  # One example cannot be split.
+    # One example cannot be split.
+    (["--train-examples", "1"], "--validation-split 0.1 of 1 examples"),
     (["--seed", "-1"], "seed"),  # As Keras' set_random_seed, a negative seed is refused.
     (["--seed", str(2**63)], "seed"),  # Too large for a JAX key.
-    (["--learning-rate", "nan"], "learning_rate"),  # Would train to NaN weights, exit 0.
+    # Would train to NaN weights, exit 0.
+    (["--learning-rate", "nan"], "--learning-rate must be finite"),
 ], ids=lambda value: " ".join(value) if isinstance(value, list) else None)
 def test_bad_values_are_one_line_errors(images, tmp_path, capsys, flags, expected):
     assert train.main(folder_args(images, tmp_path, *flags)) == 2
@@ -140,6 +150,8 @@ def test_bad_values_are_one_line_errors(images, tmp_path, capsys, flags, expecte
 @pytest.mark.parametrize("flags, expected", [
     (["--mlp-head-units", "a,b"], "--mlp-head-units"),
     (["--epochs", "two"], "--epochs"),
+    (["--head", "mean"], "--head: invalid choice: 'mean'"),
+    (["--dtype", "float16"], "--dtype"),
     (["--no-such-flag"], "--no-such-flag"),
 ], ids=lambda value: " ".join(value) if isinstance(value, list) else None)
 def test_flags_that_do_not_parse_are_one_line_errors(images, tmp_path, capsys, flags, expected):
@@ -156,9 +168,10 @@ def test_bad_data_is_a_one_line_error(tmp_path, capsys):
     assert train.main(["--dataset", "folder", *workdir]) == 2
     assert "--data-dir" in one_error_line(capsys)
     (tmp_path / "empty" / "train" / "cat").mkdir(parents=True)
+    (tmp_path / "empty" / "train" / "dog").mkdir(parents=True)
     assert train.main(["--dataset", "folder", "--data-dir", str(tmp_path / "empty"),
                        *workdir]) == 2
-    assert "no images" in one_error_line(capsys)
+    assert "train/cat has no images (it is empty)" in one_error_line(capsys)
     missing = tmp_path / "missing"
     assert train.main(["--dataset", "cifar10", "--data-dir", str(missing), *workdir]) == 2
     assert str(missing) in one_error_line(capsys)
@@ -183,3 +196,42 @@ def test_zero_epochs_trains_nothing(image_folder, tmp_path, capsys):
     assert (workdir / "config.json").is_file() and not (workdir / "best_checkpoint").exists()
     with pytest.raises(FileNotFoundError, match="no finished"):
         vit_flax.load(workdir)
+
+
+def test_every_config_field_has_its_flag_with_the_configs_default():
+    fields = dataclasses.fields(vit_flax.ViTConfig)
+    parser_flags = set(re.findall(r"(--[a-z0-9-]+)", train_help()))
+    for field in fields:
+        assert (train.flag(field.name) in parser_flags) == field.metadata["flag"], field.name
+    args = vars(train.parse_args([], vit_flax.ViTConfig))
+    from_flags = vit_flax.ViTConfig(**{f.name: args[f.name] for f in fields if f.metadata["flag"]})
+    assert from_flags == vit_flax.ViTConfig()  # The defaults are the seed's, in one place.
+
+
+def train_help() -> str:
+    done = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_help_gives_each_flag_its_meaning_default_and_choices():
+    text = " ".join(train_help().split())  # Unwrapped.
+    assert "--head {flatten,gap,cls} how tokens become one vector" in text
+    assert "--learning-rate LEARNING_RATE AdamW learning rate (default: 0.001)" in text
+    assert "--mlp-head-units MLP_HEAD_UNITS Dense widths of the classifier MLP, a comma list " \
+           "(default: 2048,1024)" in text
+    assert "--keep-checkpoints KEEP_CHECKPOINTS how many epoch-end checkpoints" in text
+
+
+def test_library_errors_name_arguments_and_the_cli_names_flags(tmp_path, capsys):
+    splits = vit_flax.data.from_arrays(random_images(10, 8), np.arange(10) % 3)
+    config = vit_flax.ViTConfig(**TINY, epochs=1)
+    with pytest.raises(vit_flax.ConfigError, match=r"^log_every must be >= 0, got -1$"):
+        vit_flax.train(config, splits, tmp_path / "run", log_every=-1)
+    # Checked before any data is read: the missing folder is never reached.
+    nowhere = ["--dataset", "folder", "--data-dir", str(tmp_path / "nowhere")]
+    assert train.main([*nowhere, "--log-every", "-1"]) == 2
+    assert one_error_line(capsys) == "error: --log-every must be >= 0, got -1"
+    assert train.main([*nowhere, "--keep-checkpoints", "0"]) == 2
+    assert one_error_line(capsys) == "error: --keep-checkpoints must be >= 1, got 0"

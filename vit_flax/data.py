@@ -216,7 +216,7 @@ def download_cifar(name: str, directory: Path) -> Path:
         partial.unlink(missing_ok=True)
         raise DataError(
             f"{name} is not on this machine and could not be downloaded ({error}). Download "
-            f"{CIFAR_URL}{archive} and put it in {directory} (or pass --data-dir DIR holding "
+            f"{CIFAR_URL}{archive} and put it in {directory} (or pass data_dir=DIR holding "
             f"it, or a prepared TFDS copy of {name})") from None
     return target
 
@@ -229,7 +229,7 @@ def load_cifar(name: str, data_dir: str | os.PathLike | None = None,
         raise DataError(f"unknown CIFAR dataset {name!r}; expected one of {sorted(CIFAR)}")
     directory = Path(data_dir).expanduser() if data_dir is not None else None
     if directory is not None and not directory.is_dir():
-        raise DataError(f"--data-dir {directory} is not a directory")
+        raise DataError(f"data_dir={directory} is not a directory")
     tfds_splits = _read_tfds(name, directory)
     if tfds_splits is not None:
         return tfds_splits
@@ -399,9 +399,9 @@ def load_folder(data_dir: str | os.PathLike, input_size: int = 32) -> Splits:
     root = Path(data_dir).expanduser()
     train_root = root / "train"
     if not root.is_dir():
-        raise DataError(f"--data-dir {root} does not exist")
+        raise DataError(f"data_dir={root} does not exist")
     if not train_root.is_dir():
-        raise DataError(f"--data-dir {root} must contain train/<class>/ folders of images")
+        raise DataError(f"data_dir={root} must contain train/<class>/ folders of images")
     classes = _class_folders(train_root)
     if len(classes) < 2:
         found = f" ({_some(classes)})" if classes else ""
@@ -422,6 +422,6 @@ def load(dataset: str, data_dir: str | os.PathLike | None = None, input_size: in
         return load_cifar(dataset, data_dir)
     if dataset == "folder":
         if data_dir is None:
-            raise DataError("--dataset folder needs --data-dir PATH (PATH/train/<class>/*.jpg)")
+            raise DataError("dataset=folder needs data_dir=PATH (PATH/train/<class>/*.jpg)")
         return load_folder(data_dir, input_size)
     raise DataError(f"unknown dataset {dataset!r}; expected one of cifar100, cifar10, folder")

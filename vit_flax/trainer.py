@@ -148,6 +148,8 @@ def train(config: ViTConfig, splits: data_lib.Splits, workdir: str | os.PathLike
     check_data(config, splits)
     workdir = layout.ensure_directory(workdir)
     main = parallel.is_main_process()
+    if main:
+        layout.check_claim(workdir, config, overwrite=overwrite, allow_non_empty=allow_non_empty)
     with layout.Lock(workdir) if main else contextlib.nullcontext():
         if main:
             layout.claim(workdir, config, overwrite=overwrite, allow_non_empty=allow_non_empty)
@@ -189,7 +191,7 @@ def _resume(checkpoints: RunCheckpoints, state, config: ViTConfig, workdir: Path
         return state, RunProgress()
     state, progress = restored
     if progress.epoch > config.epochs:
-        raise ConfigError(f"workdir {workdir} holds {progress.epoch} trained epochs, more than "
+        raise ConfigError(f"workdir={workdir} holds {progress.epoch} trained epochs, more than "
                           f"epochs={config.epochs}; give epochs >= {progress.epoch} to "
                           f"continue it, or use another workdir")
     log(f"Resuming {workdir} after epoch {progress.epoch}")

@@ -40,14 +40,14 @@ def ensure_directory(workdir: str | os.PathLike) -> Path:
         raise ConfigError("workdir is empty; give a directory (use '.' for this one)")
     path = Path(workdir)
     if path.exists() and not path.is_dir():
-        raise ConfigError(f"workdir {path} is a file; give a directory")
+        raise ConfigError(f"workdir={path} is a file; give a directory")
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".vit_flax-write-test"
         probe.write_text("")
         probe.unlink()
     except OSError as error:
-        raise ConfigError(f"workdir {path} is not writable ({error.strerror})") from None
+        raise ConfigError(f"workdir={path} is not writable ({error.strerror})") from None
     return path
 
 
@@ -62,7 +62,7 @@ def saved_config(path: Path) -> dict:
         if not isinstance(saved, dict):
             raise TypeError(type(saved).__name__)
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise ConfigError(f"workdir {path}: its run marker {MARKER} is unreadable ({error}); "
+        raise ConfigError(f"workdir={path}: its run marker {MARKER} is unreadable ({error}); "
                           f"use another workdir") from None
     return saved
 
@@ -73,9 +73,11 @@ def differing_fields(saved: dict, config: ViTConfig) -> list[str]:
                   if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k))
 
 
-def claim(path: Path, config: ViTConfig, *, overwrite: bool = False,
-          allow_non_empty: bool = False) -> bool:
-    """Make `path` the run of `config`; True when it already was (the run resumes).
+def check_claim(path: Path, config: ViTConfig, *, overwrite: bool = False,
+                allow_non_empty: bool = False) -> str:
+    """What `claim` would do, writing nothing: "resume", "overwrite" or "new"; or the
+    ConfigError it would raise. (Checked before the lock is taken, so that a refused
+    directory is left without even a lock file.)
 
     - A run of the same config (all but `epochs`): resumed.
     - A run of another config: an error, unless `overwrite`, which deletes that run's own
@@ -88,15 +90,26 @@ def claim(path: Path, config: ViTConfig, *, overwrite: bool = False,
     if is_run(path):
         differing = differing_fields(saved_config(path), config)
         if not differing:
-            return True
+            return "resume"
         if not overwrite:
             raise ConfigError(
-                f"workdir {path} holds a run with another configuration (differs in "
+                f"workdir={path} holds a run with another configuration (differs in "
                 f"{', '.join(differing)}); use another workdir, or overwrite=True to delete "
                 f"that run (only vit_flax's own files; anything else there is kept)")
+        return "overwrite"
+    _check_foreign_directory(path, allow_non_empty)
+    return "new"
+
+
+def claim(path: Path, config: ViTConfig, *, overwrite: bool = False,
+          allow_non_empty: bool = False) -> bool:
+    """Make `path` the run of `config` (see check_claim); True when it already was (the
+    run resumes). Call it holding the workdir's Lock."""
+    action = check_claim(path, config, overwrite=overwrite, allow_non_empty=allow_non_empty)
+    if action == "resume":
+        return True
+    if action == "overwrite":
         delete_run(path)
-    else:
-        _check_foreign_directory(path, allow_non_empty)
     write_json(path / MARKER, {"vit_flax": "run", "config": json.loads(config.to_json())})
     return False
 
@@ -107,13 +120,13 @@ def _check_foreign_directory(path: Path, allow_non_empty: bool) -> None:
         return
     if not allow_non_empty:
         raise ConfigError(
-            f"workdir {path} is not empty and is not a vit_flax run (it holds "
+            f"workdir={path} is not empty and is not a vit_flax run (it holds "
             f"{_listing(entries)}); use an empty or new directory, or allow_non_empty=True "
             f"to add a run beside those files")
     clashes = sorted(set(entries) & set(OWN_ENTRIES))
     if clashes:
         raise ConfigError(
-            f"workdir {path} is not a vit_flax run but holds {_listing(clashes)}, which a "
+            f"workdir={path} is not a vit_flax run but holds {_listing(clashes)}, which a "
             f"run would overwrite; move them or use another directory")
 
 
@@ -163,7 +176,7 @@ class Lock:
             handle.seek(0)
             holder = handle.read().strip() or "unknown"
             handle.close()
-            raise ConfigError(f"workdir {self.path} is in use by another training process "
+            raise ConfigError(f"workdir={self.path} is in use by another training process "
                               f"(pid {holder}); wait for it or use another workdir") from None
         handle.seek(0)
         handle.truncate()
