@@ -13,6 +13,9 @@ Tolerances (float32, CPU):
   worst 1.43e-6 (block 1), 1.5 ulp.
 - head: 1e-5 absolute on logits of magnitude ~2.4: the 9216-term first Dense is the longest
   sum in the model. Measured 1.55e-6.
+- LayerNorm epsilon: tokens of variance ~1e-6 against Keras at the seed's epsilon, 1e-5
+  absolute on outputs of magnitude ~3 (ulp 2.4e-7). Measured 4.8e-7; the wrong epsilon 1e-5
+  moves them by O(1).
 """
 
 from __future__ import annotations
@@ -21,12 +24,18 @@ import jax.numpy as jnp
 import keras
 import numpy as np
 import pytest
+from flax import nnx
 
 from parity.convert import classify_keras_layers
 from parity.harness import random_images
+from vit_flax import ViT, ViTConfig
 from vit_flax.model import patches
 
 BLOCKS = 8
+# The seed's `layers.LayerNormalization(epsilon=1e-6)` (create_vit_classifier, three times).
+# Written here, not read from ViTConfig: keras_reference builds its Keras model with the
+# config's epsilon, so the model tests above cannot see a wrong default.
+SEED_LAYER_NORM_EPSILON = 1e-6
 
 
 @pytest.fixture(scope="module")
@@ -86,3 +95,36 @@ def test_head(seed_models, keras_activations, record):
     tokens = jnp.asarray(keras_activations[f"block_{BLOCKS - 1}"])
     ours = flax_model.head(tokens, train=False, rngs=None)
     check(record, "head (logits)", ours, keras_activations["logits"], 1e-5)
+
+
+def test_layer_norms_use_the_seeds_epsilon(record):
+    # Every LayerNorm of a default-config model (one block is enough: all are built alike)
+    # against Keras' LayerNormalization at the seed's epsilon, with the same gamma and beta,
+    # on zero-mean tokens of variance ~1e-6. There epsilon weighs as much as the variance:
+    # 1e-6 normalizes by 1/sqrt(2e-6), 1e-5 by 1/sqrt(1.1e-5), 2.3x less, and the outputs
+    # (magnitude up to ~3) move by O(1). float32 on both sides, 64-term reductions summed
+    # in different orders: a few ulp (measured 4.8e-7 at worst), so 1e-5 absolute.
+    config = ViTConfig(transformer_layers=1, mlp_head_units=(8,))
+    flax_model = ViT(config, rngs=nnx.Rngs(0))
+    layer_norms = {"block layer_norm_1": flax_model.blocks[0].layer_norm_1,
+                   "block layer_norm_2": flax_model.blocks[0].layer_norm_2,
+                   "head layer_norm": flax_model.head.layer_norm}
+    rng = np.random.default_rng(5)
+    tokens = (1e-3 * rng.normal(size=(2, config.num_patches, config.projection_dim))
+              ).astype(np.float32)
+    tolerance = 1e-5
+    for name, layer_norm in layer_norms.items():
+        gamma = rng.uniform(0.5, 1.5, config.projection_dim).astype(np.float32)
+        beta = (0.1 * rng.normal(size=config.projection_dim)).astype(np.float32)
+        layer_norm.scale[...], layer_norm.bias[...] = jnp.asarray(gamma), jnp.asarray(beta)
+        ours = np.asarray(layer_norm(jnp.asarray(tokens)))
+        outputs = {}
+        for epsilon in (SEED_LAYER_NORM_EPSILON, 1e-5):
+            keras_layer = keras.layers.LayerNormalization(epsilon=epsilon)
+            keras_layer.build(tokens.shape)
+            keras_layer.set_weights([gamma, beta])
+            outputs[epsilon] = np.asarray(keras_layer(tokens))
+        check(record, f"{name} at epsilon 1e-6", ours, outputs[SEED_LAYER_NORM_EPSILON],
+              tolerance)
+        # What the check separates: epsilon 1e-5 is far outside the tolerance.
+        assert np.abs(outputs[1e-5] - outputs[SEED_LAYER_NORM_EPSILON]).max() > 1e4 * tolerance
