@@ -39,7 +39,8 @@ def flag(name: str) -> str:
 
 
 def add_config_flags(parser: argparse.ArgumentParser, config_class) -> None:
-    """One flag per ViTConfig field that has one: type, choices and help from the field."""
+    """One flag per ViTConfig field that has one: type, choices and help from the field.
+    The default shown is the keras recipe's (the seed's); --recipe strong changes some."""
     hints = typing.get_type_hints(config_class)
     for field in dataclasses.fields(config_class):
         if not field.metadata.get("flag", True):
@@ -86,16 +87,31 @@ INTEGER_FLAGS = {"train_examples", "test_examples", "keep_checkpoints", "log_eve
                  "num_processes", "process_id"}
 
 
-def parse_args(argv, config_class):
+def build_parser(config_class, recipes) -> argparse.ArgumentParser:
     parser = OneLineParser(description=__doc__.splitlines()[0],
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--recipe", choices=tuple(recipes), default="keras",
+                        help="keras: the seed's recipe exactly; strong: a measured recipe for "
+                             "training from scratch (README). Sets the defaults of the fields "
+                             "it changes; a flag given explicitly still wins")
     add_config_flags(parser, config_class)
     for name, (default, help_text) in RUN_FLAGS.items():
         parser.add_argument(flag(name), default=default, help=help_text,
                             type=integer if name in INTEGER_FLAGS else str)
     for name, help_text in SWITCHES.items():
         parser.add_argument(flag(name), action="store_true", help=help_text)
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv, config_class, recipes) -> tuple[dict, dict]:
+    """(every option's value, the config fields given explicitly on the command line)."""
+    parser = build_parser(config_class, recipes)
+    args = vars(parser.parse_args(argv))
+    for action in parser._actions:  # Parse again with no defaults: what was given remains.
+        action.default = argparse.SUPPRESS
+    given = vars(parser.parse_args(argv))
+    fields = {f.name for f in dataclasses.fields(config_class) if f.metadata["flag"]}
+    return args, {name: value for name, value in given.items() if name in fields}
 
 
 def in_flags(message: str, names) -> str:
@@ -117,11 +133,11 @@ def in_flags(message: str, names) -> str:
 def main(argv=None) -> int:
     import vit_flax
 
-    args = vars(parse_args(argv, vit_flax.ViTConfig))
+    args, given = parse_args(argv, vit_flax.ViTConfig, vit_flax.config.RECIPES)
     fields = [f.name for f in dataclasses.fields(vit_flax.ViTConfig) if f.metadata["flag"]]
-    names = [*fields, *RUN_FLAGS, "overwrite", "allow_non_empty"]
+    names = [*fields, *RUN_FLAGS, "overwrite", "allow_non_empty", "recipe"]
     try:
-        config = vit_flax.ViTConfig(**{name: args[name] for name in fields})
+        config = vit_flax.ViTConfig.recipe(args["recipe"], **given)
         run_options = {name: args[name] for name in RUN_FLAGS}
         if run_options["compilation_cache"] == "none":
             run_options["compilation_cache"] = None

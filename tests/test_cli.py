@@ -203,7 +203,7 @@ def test_every_config_field_has_its_flag_with_the_configs_default():
     parser_flags = set(re.findall(r"(--[a-z0-9-]+)", train_help()))
     for field in fields:
         assert (train.flag(field.name) in parser_flags) == field.metadata["flag"], field.name
-    args = vars(train.parse_args([], vit_flax.ViTConfig))
+    args, _ = train.parse_args([], vit_flax.ViTConfig, vit_flax.config.RECIPES)
     from_flags = vit_flax.ViTConfig(**{f.name: args[f.name] for f in fields if f.metadata["flag"]})
     assert from_flags == vit_flax.ViTConfig()  # The defaults are the seed's, in one place.
 

@@ -136,3 +136,168 @@ def random_augment(key: jax.Array, images: jax.Array, rotation_factor: float,
     images = horizontal_flip(images, sample_flips(flip_key, batch))
     images = rotate(images, sample_angles(rotation_key, batch, rotation_factor))
     return zoom(images, *sample_zooms(zoom_key, batch, zoom_factor))
+
+
+# --- the strong recipe's augmentations (ViTConfig fields; all off in the seed's recipe) ----
+
+def random_crop(key: jax.Array, images: jax.Array, padding: int) -> jax.Array:
+    """Zero-pad each side by `padding` pixels, then crop a random window of the original
+    size from each image (offsets uniform in [0, 2 * padding], each image its own): the
+    standard CIFAR crop."""
+    batch, height, width, channels = images.shape
+    padded = jnp.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    offsets = jax.random.randint(key, (batch, 2), 0, 2 * padding + 1)
+
+    def crop(image, offset):
+        return jax.lax.dynamic_slice(image, (offset[0], offset[1], 0),
+                                     (height, width, channels))
+
+    return jax.vmap(crop)(padded, offsets)
+
+
+def random_erasing(key: jax.Array, images: jax.Array, probability: float,
+                   area: tuple[float, float] = (0.02, 1 / 3),
+                   aspect: tuple[float, float] = (0.3, 3.3)) -> jax.Array:
+    """Random erasing (Zhong et al. 2020, timm's "pixel" mode): with `probability`, a
+    rectangle of each (normalized) image, of area fraction ~ U(area) and aspect ratio
+    log-uniform in `aspect`, is replaced by N(0, 1) noise."""
+    batch, height, width, _ = images.shape
+    apply_key, area_key, aspect_key, place_key, noise_key = jax.random.split(key, 5)
+    apply = jax.random.uniform(apply_key, (batch,)) < probability
+    fraction = jax.random.uniform(area_key, (batch,), minval=area[0], maxval=area[1])
+    ratio = jnp.exp(jax.random.uniform(aspect_key, (batch,), minval=math.log(aspect[0]),
+                                       maxval=math.log(aspect[1])))
+    h = jnp.clip(jnp.round(jnp.sqrt(fraction * ratio * height * width)), 1, height)
+    w = jnp.clip(jnp.round(jnp.sqrt(fraction / ratio * height * width)), 1, width)
+    top = jnp.floor(jax.random.uniform(place_key, (batch,)) * (height - h + 1))
+    left = jnp.floor(jax.random.uniform(jax.random.fold_in(place_key, 1), (batch,))
+                     * (width - w + 1))
+    rows = jnp.arange(height)[None, :, None]
+    cols = jnp.arange(width)[None, None, :]
+    inside = ((rows >= top[:, None, None]) & (rows < (top + h)[:, None, None])
+              & (cols >= left[:, None, None]) & (cols < (left + w)[:, None, None]))
+    erase = (inside & apply[:, None, None])[..., None]
+    return jnp.where(erase, jax.random.normal(noise_key, images.shape, images.dtype), images)
+
+
+def _blend(image, other, factor):
+    return jnp.clip(other + factor * (image - other), 0.0, 255.0)
+
+
+def _grayscale(image):
+    return (image @ jnp.array([0.299, 0.587, 0.114], image.dtype))[..., None]
+
+
+def _smoothed(image):
+    """PIL's SMOOTH kernel ([[1,1,1],[1,5,1],[1,1,1]] / 13), borders kept as they are."""
+    kernel = jnp.array([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]) / 13.0
+    blurred = jax.vmap(lambda c: jax.scipy.signal.convolve2d(c, kernel, mode="same"),
+                       in_axes=-1, out_axes=-1)(image)
+    interior = jnp.zeros(image.shape[:2], bool).at[1:-1, 1:-1].set(True)[..., None]
+    return jnp.where(interior, blurred, image)
+
+
+def _affine(image, t):
+    return affine_transform(image[None], t[None])[0]
+
+
+def _rotation(image, degrees):
+    height, width, _ = image.shape
+    return _affine(image, rotation_transforms(degrees, height, width))
+
+
+def _shear(image, amount, axis):
+    # Inverse map: x_in = x + s * y (shear along x), or y_in = y + s * x (along y).
+    zero, one = jnp.zeros_like(amount), jnp.ones_like(amount)
+    if axis == "x":
+        t = jnp.stack([one, amount, zero, zero, one, zero])
+    else:
+        t = jnp.stack([one, zero, zero, amount, one, zero])
+    return _affine(image, t)
+
+
+def _translate(image, fraction, axis):
+    size = image.shape[1] if axis == "x" else image.shape[0]
+    zero, one, shift = jnp.zeros_like(fraction), jnp.ones_like(fraction), fraction * size
+    if axis == "x":
+        t = jnp.stack([one, zero, shift, zero, one, zero])
+    else:
+        t = jnp.stack([one, zero, zero, zero, one, shift])
+    return _affine(image, t)
+
+
+def _autocontrast(image, _):
+    low = image.min(axis=(0, 1), keepdims=True)
+    high = image.max(axis=(0, 1), keepdims=True)
+    scale = jnp.where(high > low, 255.0 / jnp.maximum(high - low, 1e-6), 1.0)
+    return jnp.where(high > low, (image - low) * scale, image)
+
+
+# RandAugment's operations on one float image in [0, 255], each given a signed magnitude
+# s in [-1, 1] (the magnitude / 10 with a random sign). Ranges as timm's rand-m*-n*.
+RAND_AUGMENT_OPS = (
+    ("identity", lambda x, s: x),
+    ("autocontrast", _autocontrast),
+    ("brightness", lambda x, s: _blend(x, jnp.zeros_like(x), 1.0 + 0.9 * s)),
+    ("color", lambda x, s: _blend(x, _grayscale(x), 1.0 + 0.9 * s)),
+    ("contrast", lambda x, s: _blend(x, jnp.mean(_grayscale(x)), 1.0 + 0.9 * s)),
+    ("sharpness", lambda x, s: _blend(x, _smoothed(x), 1.0 + 0.9 * s)),
+    ("posterize", lambda x, s: jnp.floor(x / 2.0 ** jnp.round(4 * jnp.abs(s)))
+     * 2.0 ** jnp.round(4 * jnp.abs(s))),
+    ("solarize", lambda x, s: jnp.where(x >= 256.0 * (1.0 - jnp.abs(s)), 255.0 - x, x)),
+    ("rotate", lambda x, s: _rotation(x, 30.0 * s)),
+    ("shear_x", lambda x, s: _shear(x, 0.3 * s, "x")),
+    ("shear_y", lambda x, s: _shear(x, 0.3 * s, "y")),
+    ("translate_x", lambda x, s: _translate(x, 0.45 * s, "x")),
+    ("translate_y", lambda x, s: _translate(x, 0.45 * s, "y")),
+)
+
+
+def rand_augment(key: jax.Array, images: jax.Array, num_ops: int,
+                 magnitude: float) -> jax.Array:
+    """RandAugment (Cubuk et al. 2020): `num_ops` operations drawn uniformly for each
+    image, each at `magnitude` (0..10) with a random sign, on float pixels in [0, 255].
+    Geometric operations sample with reflected borders (as the seed's rotation)."""
+    branches = [op for _, op in RAND_AUGMENT_OPS]
+
+    def one_image(image_key, image):
+        for slot in range(num_ops):
+            op_key, sign_key = jax.random.split(jax.random.fold_in(image_key, slot))
+            op = jax.random.randint(op_key, (), 0, len(branches))
+            sign = jnp.where(jax.random.bernoulli(sign_key), 1.0, -1.0)
+            image = jnp.clip(jax.lax.switch(op, branches, image, sign * magnitude / 10.0),
+                             0.0, 255.0)
+        return image
+
+    keys = jax.random.split(key, images.shape[0])
+    return jax.vmap(one_image)(keys, images.astype(jnp.float32))
+
+
+def sample_mixing(key: jax.Array, height: int, width: int, mixup_alpha: float,
+                  cutmix_alpha: float) -> tuple[jax.Array, jax.Array]:
+    """One mixing of a batch with its reverse (timm's Mixup, mode "batch"): mixup with
+    lambda ~ Beta(a, a), or cutmix with a box of area 1 - lambda, each half of the time
+    when both are on. Returns (per-pixel weight of the image itself (1, H, W, 1), the
+    label weight lambda: the exact kept area for cutmix)."""
+    choose_key, mixup_key, cutmix_key, box_key = jax.random.split(key, 4)
+    use_cutmix = jnp.asarray(cutmix_alpha > 0 and mixup_alpha == 0)
+    if cutmix_alpha > 0 and mixup_alpha > 0:
+        use_cutmix = jax.random.bernoulli(choose_key)
+    mixup_lambda = jax.random.beta(mixup_key, mixup_alpha, mixup_alpha) \
+        if mixup_alpha > 0 else jnp.float32(1.0)
+    cut = jax.random.beta(cutmix_key, cutmix_alpha, cutmix_alpha) if cutmix_alpha > 0 \
+        else jnp.float32(1.0)
+    cut_h, cut_w = jnp.round(height * jnp.sqrt(1 - cut)), jnp.round(width * jnp.sqrt(1 - cut))
+    centre = jax.random.uniform(box_key, (2,)) * jnp.array([height, width])
+    top, bottom = jnp.clip(centre[0] - cut_h / 2, 0, height), jnp.clip(centre[0] + cut_h / 2,
+                                                                       0, height)
+    left, right = jnp.clip(centre[1] - cut_w / 2, 0, width), jnp.clip(centre[1] + cut_w / 2,
+                                                                      0, width)
+    rows, cols = jnp.arange(height)[:, None], jnp.arange(width)[None, :]
+    box = (rows >= jnp.round(top)) & (rows < jnp.round(bottom)) & \
+        (cols >= jnp.round(left)) & (cols < jnp.round(right))
+    cutmix_weight = jnp.where(box, 0.0, 1.0)[None, :, :, None]
+    kept = cutmix_weight.mean()
+    weight = jnp.where(use_cutmix, cutmix_weight, mixup_lambda)
+    return jnp.broadcast_to(weight, (1, height, width, 1)), jnp.where(use_cutmix, kept,
+                                                                      mixup_lambda)

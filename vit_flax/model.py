@@ -112,18 +112,35 @@ class Normalization(nnx.Module):
 
 
 class DataAugmentation(nnx.Module):
-    """The seed's `data_augmentation` Sequential; the random layers act only when training."""
+    """The seed's `data_augmentation` Sequential; the random layers act only when training.
+
+    The strong recipe's augmentations (config fields, off in the seed's recipe) wrap it:
+    random crop and RandAugment on the raw pixels before it, random erasing after it.
+    """
 
     def __init__(self, config: ViTConfig):
         self.normalization = Normalization(config.channels)
-        self.image_size = config.image_size
-        self.rotation_factor = config.rotation_factor
-        self.zoom_factor = config.zoom_factor
+        self.config = config
 
-    def __call__(self, images, *, train: bool, rngs: nnx.Rngs | None) -> jax.Array:
-        x = augment.resize(self.normalization(images), self.image_size)
+    def __call__(self, images, *, train: bool, rngs: nnx.Rngs | None,
+                 mix: jax.Array | None = None) -> jax.Array:
+        """`mix`: mixup/cutmix's per-pixel weight (1, H, W, 1) of each image against the
+        batch reversed, applied to the normalized images (augment.sample_mixing)."""
+        config = self.config
+        if train and config.crop_padding:
+            images = augment.random_crop(rngs.augment(), images, config.crop_padding)
+        if train and config.randaugment_ops:
+            images = augment.rand_augment(rngs.augment(), images, config.randaugment_ops,
+                                          config.randaugment_magnitude)
+        x = self.normalization(images)
+        if mix is not None:
+            x = mix * x + (1.0 - mix) * x[::-1]
+        x = augment.resize(x, config.image_size)
         if train:
-            x = augment.random_augment(rngs.augment(), x, self.rotation_factor, self.zoom_factor)
+            x = augment.random_augment(rngs.augment(), x, config.rotation_factor,
+                                       config.zoom_factor)
+        if train and config.random_erasing:
+            x = augment.random_erasing(rngs.augment(), x, config.random_erasing)
         return x
 
 
@@ -237,9 +254,14 @@ class MLP(nnx.Module):
 
 
 class TransformerBlock(nnx.Module):
-    """Pre-norm block: x2 = x + MHA(LN(x)); out = x2 + MLP(LN(x2))."""
+    """Pre-norm block: x2 = x + MHA(LN(x)); out = x2 + MLP(LN(x2)).
 
-    def __init__(self, config: ViTConfig, *, rngs):
+    With a `drop_path` rate (stochastic depth, the strong recipe) each residual branch is
+    dropped for a whole example with that probability, and scaled by 1 / (1 - rate) when
+    kept; the seed's blocks have none.
+    """
+
+    def __init__(self, config: ViTConfig, *, drop_path: float = 0.0, rngs):
         dim, eps = config.projection_dim, config.layer_norm_epsilon
         # use_fast_variance=False: the two-pass variance Keras computes.
         self.layer_norm_1 = nnx.LayerNorm(dim, epsilon=eps, use_fast_variance=False, rngs=rngs)
@@ -249,12 +271,25 @@ class TransformerBlock(nnx.Module):
         self.layer_norm_2 = nnx.LayerNorm(dim, epsilon=eps, use_fast_variance=False, rngs=rngs)
         self.mlp = MLP(dim, config.transformer_units, config.dropout,
                        dtype=compute_dtype(config), rngs=rngs)
+        self.drop_path = drop_path
 
     def __call__(self, x: jax.Array, *, train: bool, rngs: nnx.Rngs | None) -> jax.Array:
-        attention_keep, *mlp_keeps = dropout_masks(
-            rngs, train, [self.attention.dropout_spec(x), *self.mlp.dropout_specs(x)])
-        x2 = x + self.attention(self.layer_norm_1(x), keep=attention_keep)
-        return x2 + self.mlp(self.layer_norm_2(x2), keeps=mlp_keeps)
+        # One draw for every dropout of the block; a rate of 0 draws no bits for its mask,
+        # so the seed's blocks draw exactly what they drew before stochastic depth existed.
+        branch = ((x.shape[0], 1, 1), self.drop_path)
+        attention_keep, *mlp_keeps, attention_path, mlp_path = dropout_masks(
+            rngs, train, [self.attention.dropout_spec(x), *self.mlp.dropout_specs(x),
+                          branch, branch])
+        attended = self.attention(self.layer_norm_1(x), keep=attention_keep)
+        x2 = x + dropout(attended, self.drop_path, attention_path)
+        transformed = self.mlp(self.layer_norm_2(x2), keeps=mlp_keeps)
+        return x2 + dropout(transformed, self.drop_path, mlp_path)
+
+
+def drop_path_rates(config: ViTConfig) -> list[float]:
+    """Stochastic depth's rates per block: linear from 0 (first) to the config's (last)."""
+    layers = config.transformer_layers
+    return [config.stochastic_depth * i / max(layers - 1, 1) for i in range(layers)]
 
 
 class ClassifierHead(nnx.Module):
@@ -302,19 +337,19 @@ class ViT(nnx.Module):
         self.patch_encoder = PatchEncoder(config.num_patches, patch_dim, config.projection_dim,
                                           class_token=config.head == "cls",
                                           dtype=compute_dtype(config), rngs=rngs)
-        self.blocks = nnx.List([TransformerBlock(config, rngs=rngs)
-                                for _ in range(config.transformer_layers)])
+        self.blocks = nnx.List([TransformerBlock(config, drop_path=rate, rngs=rngs)
+                                for rate in drop_path_rates(config)])
         self.head = ClassifierHead(config, rngs=rngs)
 
     def __call__(self, images: jax.Array, *, train: bool = False,
-                 rngs: nnx.Rngs | None = None) -> jax.Array:
+                 rngs: nnx.Rngs | None = None, mix: jax.Array | None = None) -> jax.Array:
         expected = self.config.input_shape
         if images.ndim != 4 or images.shape[1:] != expected:
             raise ValueError(f"ViT expects images of shape (batch, "
                              f"{', '.join(map(str, expected))}), got {images.shape}")
         if train and rngs is None:
             raise ValueError("train=True needs rngs=nnx.Rngs(augment=..., dropout=...)")
-        x = self.data_augmentation(images, train=train, rngs=rngs)
+        x = self.data_augmentation(images, train=train, rngs=rngs, mix=mix)
         x = self.patch_encoder(patches(x, self.config.patch_size))
         for block in self.blocks:
             x = _remat_block(block, x, train, rngs)

@@ -43,11 +43,31 @@ def scale_by_keras_adam(b1: float = 0.9, b2: float = 0.999,
     return optax.GradientTransformation(init, update)
 
 
-def keras_adamw(learning_rate: float, weight_decay: float, b1: float = 0.9, b2: float = 0.999,
-                eps: float = 1e-7) -> optax.GradientTransformation:
-    """keras.optimizers.AdamW(learning_rate, weight_decay) with Keras' defaults."""
-    return optax.chain(
-        scale_by_keras_adam(b1, b2, eps),
-        optax.add_decayed_weights(weight_decay),
-        optax.scale(-learning_rate),
-    )
+def keras_adamw(learning_rate: float | optax.Schedule, weight_decay: float, b1: float = 0.9,
+                b2: float = 0.999, eps: float = 1e-7) -> optax.GradientTransformation:
+    """keras.optimizers.AdamW(learning_rate, weight_decay) with Keras' defaults. A schedule
+    (step -> rate) scales the decay too, as Keras applies its current rate to both."""
+    if callable(learning_rate):
+        step_size = optax.scale_by_schedule(lambda count: -learning_rate(count))
+    else:
+        step_size = optax.scale(-learning_rate)
+    return optax.chain(scale_by_keras_adam(b1, b2, eps), optax.add_decayed_weights(weight_decay),
+                       step_size)
+
+
+def learning_rate_schedule(config, steps_per_epoch: int) -> float | optax.Schedule:
+    """The config's learning rate: the constant (the seed's), or a linear warmup over
+    warmup_epochs followed by a cosine decay to 0 at the end of the last epoch."""
+    if config.schedule == "constant" and not config.warmup_epochs:
+        return config.learning_rate
+    warmup = round(config.warmup_epochs * steps_per_epoch)
+    total = max(config.epochs * steps_per_epoch, warmup + 1)
+    if config.schedule == "constant":
+        return optax.join_schedules([optax.linear_schedule(0.0, config.learning_rate, warmup),
+                                     optax.constant_schedule(config.learning_rate)], [warmup])
+    return optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, warmup, total, 0.0)
+
+
+def for_config(config, steps_per_epoch: int) -> optax.GradientTransformation:
+    """The optimizer a ViTConfig trains with: Keras' AdamW at the config's schedule."""
+    return keras_adamw(learning_rate_schedule(config, steps_per_epoch), config.weight_decay)

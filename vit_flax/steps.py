@@ -15,7 +15,7 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh
 
-from vit_flax import parallel
+from vit_flax import augment, parallel
 from vit_flax.config import ViTConfig
 from vit_flax.model import ViT
 
@@ -82,12 +82,24 @@ class Totals(struct.PyTreeNode):
         return {name: float(self.sums[name]) / count for name in METRIC_NAMES}
 
 
-def per_example_metrics(logits: jax.Array, labels: jax.Array) -> Metrics:
-    """Sparse softmax cross-entropy, accuracy and top-5 accuracy of each example."""
+def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0):
+    """Sparse softmax cross-entropy; with label smoothing e, against (1 - e) one-hot + e
+    uniform (Keras' and optax's definition)."""
     logits = logits.astype(jnp.float32)  # The loss in float32, whatever the compute dtype.
+    if not label_smoothing:
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+    return optax.softmax_cross_entropy(logits, targets)
+
+
+def per_example_metrics(logits: jax.Array, labels: jax.Array,
+                        label_smoothing: float = 0.0) -> Metrics:
+    """Cross-entropy (label-smoothed when asked), accuracy and top-5 accuracy of each
+    example."""
+    logits = logits.astype(jnp.float32)
     label_logits = jnp.take_along_axis(logits, labels[:, None], axis=-1)
     return {
-        "loss": optax.softmax_cross_entropy_with_integer_labels(logits, labels),
+        "loss": cross_entropy(logits, labels, label_smoothing),
         "accuracy": (jnp.argmax(logits, -1) == labels).astype(jnp.float32),
         # Keras' in_top_k: the label's logit is >= the 5th largest (ties favour the label).
         "top-5-accuracy": (jnp.sum(logits > label_logits, -1) < 5).astype(jnp.float32),
@@ -140,8 +152,18 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
         gradients of the micro-batches then add up to the mean gradient of the batch, as
         Keras' loss on a (partial) batch."""
         model = nnx.merge(graphdef, params, statistics)
-        logits = model(micro.images, train=True, rngs=step_rngs(state.rng, state.step, index))
-        per_example = per_example_metrics(logits, micro.labels)
+        config, rngs = model.config, step_rngs(state.rng, state.step, index)
+        mix, label_weight = None, None
+        if config.mixup_alpha or config.cutmix_alpha:
+            mix, label_weight = augment.sample_mixing(
+                rngs.augment(), *config.input_shape[:2], config.mixup_alpha,
+                config.cutmix_alpha)
+        logits = model(micro.images, train=True, rngs=rngs, mix=mix)
+        per_example = per_example_metrics(logits, micro.labels, config.label_smoothing)
+        if mix is not None:  # The targets mix as the images did: with the batch reversed.
+            partner = cross_entropy(logits, micro.labels[::-1], config.label_smoothing)
+            per_example["loss"] = label_weight * per_example["loss"] + \
+                (1.0 - label_weight) * partner
         return jnp.sum(per_example["loss"] * micro.mask) / real_examples, per_example
 
     def train_step(state: TrainState, statistics: nnx.State, totals: Totals,
@@ -201,8 +223,10 @@ def make_eval_step(graphdef: nnx.GraphDef, mesh: Mesh | None = None):
 
     def eval_step(params, statistics, totals: Totals, images, labels, batch_index):
         examples = gather(Batch(images, labels, batch_index), mesh)
-        logits = nnx.merge(graphdef, params, statistics)(examples.images, train=False)
-        return totals.add(per_example_metrics(logits, examples.labels), examples.mask)
+        model = nnx.merge(graphdef, params, statistics)
+        logits = model(examples.images, train=False)
+        metrics = per_example_metrics(logits, examples.labels, model.config.label_smoothing)
+        return totals.add(metrics, examples.mask)
 
     return jax.jit(eval_step)
 

@@ -17,12 +17,11 @@ import numpy as np
 from flax import nnx
 
 from vit_flax import data as data_lib
-from vit_flax import feeds, parallel, reporting, steps
+from vit_flax import feeds, optim, parallel, reporting, steps
 from vit_flax import workdir as layout
 from vit_flax.checkpoints import RunCheckpoints, RunProgress, restore_model, save_model
 from vit_flax.config import ConfigError, ViTConfig
 from vit_flax.model import ViT, create_model
-from vit_flax.optim import keras_adamw
 from vit_flax.signals import Interrupted, StopSignals
 
 
@@ -69,7 +68,7 @@ def prepare_fit(config: ViTConfig, model: ViT, train_set: data_lib.Dataset,
                 data_on_device: bool | None = None) -> tuple[Fit, steps.TrainState]:
     """The compiled steps, feeds and initial train state for training `model` on the mesh."""
     graphdef, params, statistics = steps.split_model(model)
-    tx = keras_adamw(config.learning_rate, config.weight_decay)
+    tx = optim.for_config(config, steps_per_epoch=-(-len(train_set) // config.batch_size))
     state = steps.TrainState.create(params, tx, config)
     state, statistics = jax.device_put((state, statistics), parallel.replicated(mesh))
     train_feed = feeds.make_feed(train_set, mesh, data_on_device)

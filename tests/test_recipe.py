@@ -1,0 +1,212 @@
+"""The recipes: `keras` is the seed bit for bit; each ingredient of `strong` does what it says."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import TINY, TINY_FLAGS
+from flax import nnx
+
+import vit_flax
+from vit_flax import augment, optim, steps
+from vit_flax.model import TransformerBlock, drop_path_rates
+
+# A 2-epoch run with dropout, augmentation and micro-batches, printed to the last bit.
+GOLDEN_RUN = textwrap.dedent("""
+    import json, sys, tempfile
+    import numpy as np
+    import vit_flax
+    from vit_flax import data, runtime
+    runtime.unroll_threefry_on_cpu()  # As train.py (and the code of the golden values) runs.
+    rng = np.random.default_rng(0)
+    labels = np.arange(40) % 3
+    images = np.clip(40 + 80 * labels[:, None, None, None]
+                     + rng.integers(-30, 30, (40, 8, 8, 3)), 0, 255).astype(np.uint8)
+    splits = data.from_arrays(images, labels, images[:12], labels[:12])
+    config = vit_flax.ViTConfig.recipe("keras", **json.loads(sys.argv[1]), epochs=2,
+                                       microbatch_size=4)
+    with tempfile.TemporaryDirectory() as workdir:
+        results = vit_flax.train(config, splits, workdir, log=lambda _: None)
+        history = json.loads(open(workdir + "/history.json").read())
+        model, _ = vit_flax.load(workdir)
+        logits = vit_flax.predict(model, images[:12]).astype(np.float64)
+    keys = ["loss", "accuracy", "top-5-accuracy", "val_loss", "val_accuracy",
+            "val_top-5-accuracy"]
+    print(json.dumps({"history": [[row[k].hex() for k in keys] for row in history],
+                      "test": [results[k].hex() for k in ("test_loss", "test_accuracy")],
+                      "logits": [float(logits.sum()).hex(), float(np.abs(logits).sum()).hex()]}))
+""")
+# What the same run gave on main before the recipes existed (commit f86eabb, 2026-12-01, this
+# machine's CPU): the losses, metrics and the best model's logits, exactly.
+GOLDEN = {
+    "history": [["0x1.18f731c71c71cp+1", "0x1.c71c71c71c71cp-3", "0x1.0000000000000p+0",
+                 "0x1.a4b5900000000p+0", "0x0.0p+0", "0x1.0000000000000p+0"],
+                ["0x1.10e9be38e38e4p+1", "0x1.c71c71c71c71cp-3", "0x1.0000000000000p+0",
+                 "0x1.7ea6dc0000000p+0", "0x0.0p+0", "0x1.0000000000000p+0"]],
+    "test": ["0x1.b6210aaaaaaabp+0", "0x0.0p+0"],
+    "logits": ["0x1.b2ebb67300000p+4", "0x1.b560fdd100000p+4"],
+}
+
+
+def test_the_keras_recipe_trains_bit_for_bit_as_before_the_recipes():
+    tiny = {k: v for k, v in TINY.items() if k != "mlp_head_units"} | {"mlp_head_units": [16, 8]}
+    completed = subprocess.run([sys.executable, "-c", GOLDEN_RUN, json.dumps(tiny)],
+                               capture_output=True, text=True, timeout=600,
+                               env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert json.loads(completed.stdout.strip().splitlines()[-1]) == GOLDEN
+
+
+def test_recipes_set_defaults_and_explicit_fields_win():
+    assert vit_flax.ViTConfig.recipe("keras") == vit_flax.ViTConfig()
+    strong = vit_flax.ViTConfig.recipe("strong", head="cls", epochs=7)
+    assert (strong.head, strong.epochs, strong.patch_size, strong.image_size) == \
+        ("cls", 7, 4, 32)
+    with pytest.raises(vit_flax.ConfigError, match="recipe must be one of"):
+        vit_flax.ViTConfig.recipe("fast")
+
+
+# --- schedule and loss ---------------------------------------------------------------------
+
+def test_warmup_then_cosine_decay_to_zero():
+    config = vit_flax.ViTConfig(learning_rate=1e-3, schedule="cosine", warmup_epochs=1.0,
+                                epochs=3)
+    schedule = optim.learning_rate_schedule(config, steps_per_epoch=10)
+    rates = np.array([float(schedule(step)) for step in range(31)])
+    np.testing.assert_allclose(rates[:11], np.linspace(0, 1e-3, 11), rtol=1e-6, atol=1e-12)
+    # Cosine over the 20 steps after the warmup: half way (step 20) is half the peak.
+    np.testing.assert_allclose(rates[20], 0.5e-3, rtol=1e-5)
+    assert rates[30] == pytest.approx(0.0, abs=1e-12) and np.all(np.diff(rates[10:]) <= 0)
+    assert optim.learning_rate_schedule(vit_flax.ViTConfig(), 10) == 1e-3  # The seed's.
+
+
+def test_a_schedule_scales_the_adam_step_and_the_decay():
+    params = {"w": jnp.array([2.0, -3.0])}
+    grads = {"w": jnp.array([0.5, 0.5])}
+    scheduled = optim.keras_adamw(lambda count: 1e-3 * (count + 1.0), 0.1)
+    fixed = optim.keras_adamw(1e-3, 0.1)
+    updates, _ = scheduled.update(grads, scheduled.init(params), params)
+    expected, _ = fixed.update(grads, fixed.init(params), params)  # count 0: the same rate.
+    np.testing.assert_array_equal(updates["w"], expected["w"])
+
+
+def test_label_smoothing_mixes_the_one_hot_with_the_uniform():
+    logits = jnp.array([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]])
+    labels = jnp.array([0, 2])
+    log_p = jax.nn.log_softmax(logits)
+    targets = 0.9 * jax.nn.one_hot(labels, 3) + 0.1 / 3
+    expected = -(targets * log_p).sum(-1)
+    np.testing.assert_allclose(steps.cross_entropy(logits, labels, 0.1), expected, rtol=1e-6)
+    np.testing.assert_array_equal(steps.cross_entropy(logits, labels),
+                                  optax.softmax_cross_entropy_with_integer_labels(logits,
+                                                                                  labels))
+
+
+# --- per-image augmentations -----------------------------------------------------------------
+
+def test_random_crop_takes_windows_of_the_zero_padded_image():
+    images = jnp.asarray(np.random.default_rng(0).integers(1, 256, (64, 6, 6, 1)), jnp.float32)
+    cropped = np.asarray(augment.random_crop(jax.random.key(3), images, 2))
+    padded = np.pad(np.asarray(images), ((0, 0), (2, 2), (2, 2), (0, 0)))
+    offsets = set()
+    for image, out in zip(padded, cropped, strict=True):
+        found = [(y, x) for y in range(5) for x in range(5)
+                 if np.array_equal(image[y:y + 6, x:x + 6], out)]
+        assert found, "a crop is not a window of the padded image"
+        offsets.add(found[0])
+    assert len(offsets) > 15  # 64 draws over the 25 offsets: every image its own.
+
+
+def test_random_erasing_fills_one_rectangle_of_bounded_area_with_noise():
+    images = jnp.full((200, 16, 16, 3), 7.0)
+    erased = np.asarray(augment.random_erasing(jax.random.key(0), images, 0.5))
+    changed = (erased != 7.0).all(-1)  # Noise replaces all channels of a pixel.
+    counts = changed.reshape(200, -1).sum(-1)
+    assert 0.4 < np.mean(counts > 0) < 0.6  # probability 0.5
+    for mask in changed[counts > 0]:
+        rows, cols = np.nonzero(mask.any(1))[0], np.nonzero(mask.any(0))[0]
+        box = mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+        assert box.all()  # One solid rectangle ...
+        assert 0.02 * 256 - 4 <= box.size <= 256 / 3 + 10  # ... of the stated area.
+    np.testing.assert_array_equal(augment.random_erasing(jax.random.key(0), images, 0.0),
+                                  images)
+
+
+@pytest.mark.parametrize("name, signed, expected", [
+    ("identity", 1.0, lambda x: x),
+    ("solarize", 1.0, lambda x: 255.0 - x),  # threshold 0: every pixel inverted
+    ("solarize", 0.0, lambda x: np.where(x >= 256, 255.0 - x, x)),  # threshold 256: none
+    ("posterize", 1.0, lambda x: np.floor(x / 16) * 16),  # 4 bits dropped
+    ("brightness", -1.0, lambda x: np.clip(0.1 * x, 0, 255)),
+    ("rotate", 0.0, lambda x: x),
+    ("translate_x", 0.0, lambda x: x),
+    ("shear_y", 0.0, lambda x: x),
+])
+def test_rand_augment_operations(name, signed, expected):
+    ops = dict(augment.RAND_AUGMENT_OPS)
+    image = jnp.asarray(np.random.default_rng(1).integers(0, 256, (8, 8, 3)), jnp.float32)
+    np.testing.assert_allclose(ops[name](image, jnp.float32(signed)),
+                               expected(np.asarray(image)), atol=1e-4)
+
+
+def test_rand_augment_keeps_pixels_in_range_and_varies_per_image():
+    images = jnp.asarray(np.random.default_rng(2).integers(0, 256, (16, 8, 8, 3)), jnp.uint8)
+    out = np.asarray(augment.rand_augment(jax.random.key(0), images, 2, 9.0))
+    assert out.shape == images.shape and out.dtype == np.float32
+    assert out.min() >= 0.0 and out.max() <= 255.0
+    changed = [not np.allclose(o, i) for o, i in zip(out, np.asarray(images), strict=True)]
+    assert 8 <= sum(changed) <= 16  # Identity is one op of 13: most images change.
+
+
+# --- mixing and stochastic depth -----------------------------------------------------------
+
+def test_cutmix_label_weight_is_the_kept_area_and_mixup_a_constant():
+    for seed in range(20):
+        weight, label_weight = augment.sample_mixing(jax.random.key(seed), 8, 8, 0.0, 1.0)
+        assert set(np.unique(weight)) <= {0.0, 1.0}
+        assert float(label_weight) == pytest.approx(float(weight.mean()), abs=1e-7)
+        weight, label_weight = augment.sample_mixing(jax.random.key(seed), 8, 8, 0.8, 0.0)
+        assert np.all(np.asarray(weight) == float(label_weight))
+        assert 0.0 <= float(label_weight) <= 1.0
+
+
+def test_stochastic_depth_drops_whole_residual_branches_per_example():
+    config = vit_flax.ViTConfig(**TINY, attention_dropout=0.0, dropout=0.0)
+    assert drop_path_rates(config.replace(transformer_layers=3, stochastic_depth=0.2)) == \
+        [0.0, 0.1, 0.2]
+    block = TransformerBlock(config, drop_path=0.5, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (400, 9, 8))
+    out = block(x, train=True, rngs=nnx.Rngs(dropout=2))
+    same = np.all(np.isclose(out, x, atol=0.0), axis=(1, 2))  # Both branches dropped.
+    assert 0.2 < same.mean() < 0.3  # 0.5 * 0.5
+    np.testing.assert_array_equal(block(x, train=False, rngs=None),
+                                  TransformerBlock(config, rngs=nnx.Rngs(0))(x, train=False,
+                                                                              rngs=None))
+
+
+def test_train_py_strong_recipe_records_the_resolved_config(tmp_path, image_folder):
+    completed = subprocess.run(
+        [sys.executable, "train.py", "--recipe", "strong", *TINY_FLAGS, "--dataset", "folder",
+         "--data-dir", str(image_folder), "--epochs", "1", "--mixup-alpha", "0.8",
+         "--cutmix-alpha", "1.0", "--workdir", str(tmp_path / "run"),
+         "--compilation-cache", "none"],
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        capture_output=True, text=True, timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    strong = vit_flax.config.RECIPES["strong"]
+    # The recipe's values, except where a flag was given (TINY_FLAGS and the mixing).
+    assert saved["crop_padding"] == strong["crop_padding"] and saved["head"] == "gap"
+    assert saved["schedule"] == "cosine" and saved["randaugment_ops"] == 2
+    assert (saved["patch_size"], saved["image_size"], saved["mixup_alpha"]) == (4, 12, 0.8)
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["config"] == saved and np.isfinite(results["test_loss"])
