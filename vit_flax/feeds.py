@@ -12,6 +12,7 @@ import collections
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from vit_flax import data as data_lib
 from vit_flax import parallel
@@ -20,22 +21,27 @@ from vit_flax.steps import Batch
 
 def to_device(dataset: data_lib.Dataset, mesh) -> tuple[jax.Array, jax.Array]:
     """A whole split goes to every device once, as uint8."""
-    return jax.device_put((dataset.images, dataset.labels), parallel.replicated(mesh))
+    return parallel.put_replicated((dataset.images, dataset.labels), mesh)
 
 
 def batch_rows(order: np.ndarray, batch_size: int, mesh) -> list[jax.Array]:
     """An epoch's batch index rows, put on the devices in one go before the epoch starts
     (each row split across them), so the steps themselves copy nothing from the host."""
     rows = list(data_lib.batch_indices(order, batch_size))
-    return jax.device_put(rows, parallel.batch_sharded(mesh))
+    return parallel.put_batch_sharded(rows, mesh)
 
 
 def fits_on_device(dataset: data_lib.Dataset, mesh, fraction: float = 0.25) -> bool:
     """Whether a split may live on each device: at most `fraction` of its memory (the rest
-    is for weights, optimizer state and activations). CPUs report no limit: it fits."""
-    stats = mesh.devices.flat[0].memory_stats() or {}
+    is for weights, optimizer state and activations). CPUs report no limit: it fits. Read
+    from this process' devices (another's cannot be asked); every process must choose the
+    same feed, so on several hosts it fits only where it fits on all of them."""
+    stats = mesh.local_devices[0].memory_stats() or {}
     limit = stats.get("bytes_limit")
-    return limit is None or dataset.images.nbytes + dataset.labels.nbytes <= fraction * limit
+    fits = limit is None or dataset.images.nbytes + dataset.labels.nbytes <= fraction * limit
+    if jax.process_count() == 1:
+        return fits
+    return bool(multihost_utils.process_allgather(np.asarray(fits)).all())
 
 
 class DeviceFeed:
@@ -63,7 +69,7 @@ class HostFeed:
         safe = np.maximum(row, 0)
         local = np.where(row >= 0, np.arange(len(row)), -1).astype(np.int32)
         batch = (self.dataset.images[safe], self.dataset.labels[safe], local)
-        return Batch(*jax.device_put(batch, parallel.batch_sharded(self.mesh)))
+        return Batch(*parallel.put_batch_sharded(batch, self.mesh))
 
     def batches(self, order: np.ndarray, batch_size: int):
         queue = collections.deque()

@@ -39,6 +39,46 @@ def check_batch_size(config: ViTConfig, mesh: Mesh) -> None:
             raise ConfigError(f"{field} ({size}) must be divisible by the number of devices "
                               f"({mesh.size}); e.g. {field}={fitting}")
 
+
+def put_global(tree, sharding: NamedSharding):
+    """Host values (numpy, or arrays of this process) as global arrays with `sharding`.
+
+    Every process passes the same values (each loads the same data and computes the same
+    epoch order) and puts only the shards of the devices it owns: jax.device_put cannot
+    place a host array on another process' devices. Arrays that are already global
+    (restored from a checkpoint, say) are resharded on the devices; every process must call
+    this with the same tree.
+    """
+    return jax.tree.map(lambda leaf: _put(leaf, sharding), tree)
+
+
+def _put(leaf, sharding: NamedSharding) -> jax.Array:
+    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):  # Typed keys: their raw data.
+        return jax.random.wrap_key_data(_put(jax.random.key_data(leaf), sharding),
+                                        impl=jax.random.key_impl(leaf))
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+        return jax.device_put(leaf, sharding)
+    host = np.asarray(leaf)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def put_replicated(tree, mesh: Mesh):
+    """`tree` on every device of the mesh (of every process)."""
+    return put_global(tree, replicated(mesh))
+
+
+def put_batch_sharded(tree, mesh: Mesh):
+    """Each leaf's first axis split across the mesh's devices (of every process)."""
+    return put_global(tree, batch_sharded(mesh))
+
+
+def abstract_on(tree, sharding) -> object:
+    """`tree`'s shapes and dtypes, placed on `sharding`: a restore target, so that arrays
+    saved from other devices (another count, other processes) load onto these."""
+    return jax.tree.map(
+        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding), tree)
+
+
 def is_main_process() -> bool:
     """On several hosts every process trains; only the first writes files and logs."""
     return jax.process_index() == 0
