@@ -1,0 +1,85 @@
+"""What a ViT sees: `features` (the pre-logits) and `attention_maps` (each block's attention
+probabilities and their rollout), for the standard ViT (vit.ViTHub) and the seed's ViT.
+
+Both run in inference mode. The attention probabilities are recomputed from each block's
+query and key projections, on the input the model's own block gets (one extra pair of matmuls
+per block), so that the attention in model.py needs no hook to hand them out.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vit_flax.model import ViT, patches
+from vit_flax.vit import ViTHub
+
+
+class AttentionMaps(NamedTuple):
+    probabilities: list[jax.Array]  # Per block: (batch, heads, query token, key token).
+    rollout: jax.Array  # (batch, tokens, tokens): attention_rollout of the probabilities.
+
+
+class _Identity(nnx.Module):
+    def __call__(self, x):
+        return x
+
+
+def features(model: ViT | ViTHub, images) -> jax.Array:
+    """(batch, features): the vector the last Dense turns into logits.
+
+    ViTHub: the class token (or token mean) after the final LayerNorm, through "pre_logits"
+    when it has one (also without a head). The seed's ViT: its head MLP's output.
+    """
+    images = jnp.asarray(images)
+    if isinstance(model, ViTHub):
+        return model.pool(model.backbone(model.preprocess(images)))
+    # The seed's own forward pass with its logits Dense swapped for the identity, on a view
+    # that shares the model's arrays (merge copies no array; the model is left unchanged).
+    view = nnx.merge(*nnx.split(model))
+    view.head.logits = _Identity()
+    return view(images)
+
+
+def attention_probabilities(attention, x: jax.Array) -> jax.Array:
+    """softmax(q k^T / sqrt(key_dim)) of a model.MultiHeadAttention on its input `x`:
+    (batch, heads, query token, key token), float32."""
+    query = attention.query(x) * attention.scale  # Keras scales the query first.
+    scores = jnp.einsum("bqhd,bkhd->bhqk", query, attention.key(x))
+    return jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
+
+
+def _tokens_and_blocks(model: ViT | ViTHub, images: jax.Array):
+    """The tokens the first block reads, and (block, its LayerNorm, its attention) each."""
+    if isinstance(model, ViTHub):
+        tokens = model.backbone.vit_patching_and_embedding(model.preprocess(images))
+        return tokens, [(b, b.ln_1, b.mha)
+                        for b in model.backbone.vit_encoder.transformer_blocks]
+    x = model.data_augmentation(images, train=False, rngs=None)
+    tokens = model.patch_encoder(patches(x, model.config.patch_size))
+    return tokens, [(b, b.layer_norm_1, b.attention) for b in model.blocks]
+
+
+def attention_maps(model: ViT | ViTHub, images) -> AttentionMaps:
+    """Every block's attention probabilities and their rollout (Abnar & Zuidema 2020)."""
+    x, blocks = _tokens_and_blocks(model, jnp.asarray(images))
+    probabilities = []
+    for block, norm, attention in blocks:
+        probabilities.append(attention_probabilities(attention, norm(x)))
+        x = block(x, train=False, rngs=None)
+    return AttentionMaps(probabilities, attention_rollout(probabilities))
+
+
+def attention_rollout(probabilities: list[jax.Array]) -> jax.Array:
+    """Abnar & Zuidema's attention rollout: per block, the heads' mean plus the identity (the
+    residual path), rows renormalised; then the product through the blocks, the last block's
+    on the left. Row i: how much of token i's final representation each input token made."""
+    rollout = None
+    for block in probabilities:
+        mixed = block.mean(axis=1) + jnp.eye(block.shape[-1], dtype=block.dtype)
+        mixed = mixed / mixed.sum(axis=-1, keepdims=True)
+        rollout = mixed if rollout is None else mixed @ rollout
+    return rollout
