@@ -145,6 +145,7 @@ def test_config_json_round_trip_and_named_sizes():
     config = SMALL.replace(scale=0.5, offset=(-1.0, 0.0, 1.0), intermediate_dim=4)
     assert config.scale == (0.5, 0.5, 0.5)
     assert ViTHubConfig.from_json(config.to_json()) == config
+    assert config.input_shape == (16, 24, 3) and config.grid == (2, 3)
     assert ViTHubConfig.named("vit-b32", num_classes=10).patch_size == 32
     with pytest.raises(ConfigError, match="unknown ViT size 'vit-h14'"):
         ViTHubConfig.named("vit-h14")

@@ -128,6 +128,11 @@ class ViTHubConfig:
                    hidden_dim=hidden_dim, mlp_dim=mlp_dim, **changes)
 
     @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """(height, width, channels) of one image the model receives, as ViTConfig's."""
+        return self.image_shape
+
+    @property
     def grid(self) -> tuple[int, int]:
         """(rows, columns) of patches."""
         return self.image_shape[0] // self.patch_size, self.image_shape[1] // self.patch_size
