@@ -10,9 +10,12 @@ from vit_flax.data import DataError
 from vit_flax.experiment import run
 from vit_flax.inference import load, predict
 from vit_flax.model import ViT, create_model
+from vit_flax.pretrained import load_pretrained
 from vit_flax.signals import Interrupted
 from vit_flax.trainer import train
+from vit_flax.vit import ViTHub, ViTHubConfig
 
 __all__ = ["CheckpointError", "ConfigError", "DataError", "Interrupted", "ViT", "ViTConfig",
-           "create_model", "load", "predict", "run", "train"]
+           "ViTHub", "ViTHubConfig", "create_model", "load", "load_pretrained", "predict", "run",
+           "train"]
 __version__ = "0.1.0"

@@ -40,6 +40,10 @@ def _check_inputs(model: ViT, images: np.ndarray, batch_size) -> None:
                          f"values (NaN or inf); pass finite pixels")
     # Normalization subtracts the mean of the images it was adapted on: pixels in [0, 1] for
     # a model adapted on 0..255 pixels are all "black" to it, and the logits are garbage.
+    # (A model without the seed's Normalization, e.g. vit_flax.vit.ViTHub, scales its input
+    # by its preset's converter: no adapted statistics to check against.)
+    if not hasattr(model, "data_augmentation"):
+        return
     mean = np.asarray(model.data_augmentation.normalization.mean[...])
     if images.max() <= 1.0 and mean.max() > 1.0:
         raise ValueError(
