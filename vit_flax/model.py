@@ -176,11 +176,15 @@ class PatchEncoder(nnx.Module):
     def __call__(self, patch_tokens: jax.Array) -> jax.Array:
         tokens = self.projection(patch_tokens)
         if hasattr(self, "class_token"):
-            batch, _, dim = tokens.shape
-            class_tokens = jnp.broadcast_to(self.class_token[...], (batch, 1, dim))
-            tokens = jnp.concatenate([class_tokens, tokens], axis=1)
+            tokens = prepend_class_token(tokens, self.class_token[...])
         # Embedding(arange(n)) is the whole table.
         return tokens + self.position_embedding.embedding[...]
+
+
+def prepend_class_token(tokens: jax.Array, class_token: jax.Array) -> jax.Array:
+    """(batch, n, dim) tokens -> (batch, 1 + n, dim), the learned (1, 1, dim) token first."""
+    batch, _, dim = tokens.shape
+    return jnp.concatenate([jnp.broadcast_to(class_token, (batch, 1, dim)), tokens], axis=1)
 
 
 class MultiHeadAttention(nnx.Module):

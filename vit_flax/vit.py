@@ -35,6 +35,7 @@ from vit_flax.model import (
     gelu,
     glorot_uniform,
     patches,
+    prepend_class_token,
 )
 
 Pooling = Literal["token", "gap"]
@@ -196,9 +197,7 @@ class ViTPatchingAndEmbedding(nnx.Module):
     def __call__(self, images: jax.Array) -> jax.Array:
         tokens = self.patch_embedding(patches(images, self.patch_size))
         if hasattr(self, "class_token"):
-            batch, _, dim = tokens.shape
-            class_tokens = jnp.broadcast_to(self.class_token[...], (batch, 1, dim))
-            tokens = jnp.concatenate([class_tokens, tokens], axis=1)
+            tokens = prepend_class_token(tokens, self.class_token[...])
         return tokens + self.position_embedding.embedding[...]
 
 
