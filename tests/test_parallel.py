@@ -112,11 +112,22 @@ def test_resuming_on_another_device_count_ends_as_the_uninterrupted_run(tmp_path
         for a, b in zip(history[resumed], history[uninterrupted], strict=True):
             for key in ("loss", "val_loss", "accuracy", "val_accuracy"):
                 assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), (resumed, key)
-    models = {name: nnx.state(vit_flax.load(tmp_path / name)[0]) for name in history}
-    for name in ("four_then_one", "one_then_four"):
-        for a, b in zip(jax.tree.leaves(models[name]), jax.tree.leaves(models["four"]),
-                        strict=True):
-            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    models = {name: vit_flax.load(tmp_path / name)[0] for name in history}
+    for name in ("four_then_one", "one_then_four", "one"):
+        assert_same_weights(models[name], models["four"])
+
+
+def assert_same_weights(model: vit_flax.ViT, reference: vit_flax.ViT) -> None:
+    """Equal within float32 round-off (measured: 9e-8 at most after 4 epochs), except the
+    attention key biases: their gradient is zero in exact arithmetic (softmax ignores a
+    score added to every key of a query), so it is round-off, which AdamW scales up to
+    whole learning-rate steps (they differ by up to 4.5e-4 even between uninterrupted runs
+    on 1 and 4 devices)."""
+    leaves = jax.tree_util.tree_leaves_with_path(nnx.state(model))
+    for (path, a), b in zip(leaves, jax.tree.leaves(nnx.state(reference)), strict=True):
+        if "['key']['bias']" not in jax.tree_util.keystr(path):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6,
+                                       err_msg=jax.tree_util.keystr(path))
 
 
 def test_step_loop_makes_no_host_transfers():
