@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import os
 
-import jax
-
 from vit_flax import data as data_lib
 from vit_flax import runtime
 from vit_flax.config import ConfigError, ViTConfig
@@ -36,7 +34,7 @@ def run(config: ViTConfig, *, dataset: str = "cifar100", data_dir: str | None = 
             raise ConfigError(f"{name} must be a positive integer, got {value}")
     check_train_options(keep_checkpoints=keep_checkpoints, log_every=log_every)
     if coordinator_address is not None:
-        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+        runtime.start_distributed(coordinator_address, num_processes, process_id)
     if unroll_threefry:
         runtime.unroll_threefry_on_cpu()
     if compilation_cache is not None:
@@ -47,6 +45,7 @@ def run(config: ViTConfig, *, dataset: str = "cifar100", data_dir: str | None = 
     splits = data_lib.load(dataset, data_dir, config.input_size)
     splits = data_lib.Splits(splits.train.take(train_examples),
                              splits.test and splits.test.take(test_examples), splits.class_names)
-    return train(config.replace(num_classes=splits.num_classes), splits, workdir,
-                 overwrite=overwrite, allow_non_empty=allow_non_empty,
-                 keep_checkpoints=keep_checkpoints, log_every=log_every)
+    with runtime.distributed_run():  # A no-op unless started as one of several processes.
+        return train(config.replace(num_classes=splits.num_classes), splits, workdir,
+                     overwrite=overwrite, allow_non_empty=allow_non_empty,
+                     keep_checkpoints=keep_checkpoints, log_every=log_every)

@@ -12,7 +12,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import jax
 import numpy as np
 from flax import nnx
 
@@ -70,7 +69,7 @@ def prepare_fit(config: ViTConfig, model: ViT, train_set: data_lib.Dataset,
     graphdef, params, statistics = steps.split_model(model)
     tx = optim.for_config(config, steps_per_epoch=-(-len(train_set) // config.batch_size))
     state = steps.TrainState.create(params, tx, config)
-    state, statistics = jax.device_put((state, statistics), parallel.replicated(mesh))
+    state, statistics = parallel.put_replicated((state, statistics), mesh)
     train_feed = feeds.make_feed(train_set, mesh, data_on_device)
     validation_feed = feeds.make_feed(validation_set, mesh, data_on_device) \
         if len(validation_set) else None
@@ -194,7 +193,7 @@ def _resume(checkpoints: RunCheckpoints, state, config: ViTConfig, workdir: Path
                           f"epochs={config.epochs}; give epochs >= {progress.epoch} to "
                           f"continue it, or use another workdir")
     log(f"Resuming {workdir} after epoch {progress.epoch}")
-    return jax.device_put(state, parallel.replicated(mesh)), progress
+    return parallel.put_replicated(state, mesh), progress
 
 
 def _fit_epochs(fit: Fit, state, progress: RunProgress, checkpoints: RunCheckpoints,
@@ -236,7 +235,7 @@ def _finish(config, splits, workdir: Path, progress: RunProgress, eval_step, mes
     if progress.best_epoch and splits.test is not None and len(splits.test):
         best = restore_model(workdir / layout.BEST_CHECKPOINT, config)
         _, params, statistics = steps.split_model(best)
-        params, statistics = jax.device_put((params, statistics), parallel.replicated(mesh))
+        params, statistics = parallel.put_replicated((params, statistics), mesh)
         test = evaluate(eval_step, params, statistics,
                         feeds.make_feed(splits.test, mesh, data_on_device), config.batch_size)
         results.update({f"test_{name}": value for name, value in test.items()})
