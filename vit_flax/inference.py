@@ -14,7 +14,7 @@ from flax import nnx
 from vit_flax.checkpoints import restore_model
 from vit_flax.config import ViTConfig
 from vit_flax.model import ViT
-from vit_flax.workdir import BEST_CHECKPOINT, CONFIG_FILE
+from vit_flax.workdir import BEST_CHECKPOINT, BEST_CHECKPOINT_SWAP, CONFIG_FILE
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -79,7 +79,9 @@ def load(workdir: str | os.PathLike) -> tuple[ViT, ViTConfig]:
     """The best model of a `train.py --workdir` run, and its configuration."""
     workdir = Path(workdir)
     config_path = workdir / CONFIG_FILE
-    if not config_path.is_file() or not (workdir / BEST_CHECKPOINT).is_dir():
+    # A kill between the two renames of checkpoints.save_model leaves only a swap copy.
+    copies = (BEST_CHECKPOINT, *BEST_CHECKPOINT_SWAP)
+    if not config_path.is_file() or not any((workdir / name).is_dir() for name in copies):
         raise FileNotFoundError(f"{workdir} holds no finished train.py checkpoint (expected "
                                 f"{CONFIG_FILE} and {BEST_CHECKPOINT}/)")
     config = ViTConfig.from_json(config_path.read_text())

@@ -28,8 +28,10 @@ BEST_CHECKPOINT = "best_checkpoint"  # The best-by-val_accuracy model (orbax).
 RUN_STATE = "run_state"  # One orbax step per finished epoch, for resuming.
 TENSORBOARD = "tensorboard"  # TensorBoard event files.
 FIGURES = ("loss.png", "top-5-accuracy.png", "patches.png")
+# checkpoints.save_model's temporaries of an atomic replace (left by a kill mid-swap).
+BEST_CHECKPOINT_SWAP = (BEST_CHECKPOINT + ".vit_flax-new", BEST_CHECKPOINT + ".vit_flax-old")
 OWN_ENTRIES = (MARKER, LOCK, CONFIG_FILE, HISTORY_FILE, RESULTS_FILE, BEST_CHECKPOINT,
-               RUN_STATE, TENSORBOARD, *FIGURES)
+               *BEST_CHECKPOINT_SWAP, RUN_STATE, TENSORBOARD, *FIGURES)
 # A longer run may continue a shorter one: the only field allowed to change on resume.
 RESUMABLE_CHANGES = {"epochs"}
 
