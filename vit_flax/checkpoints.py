@@ -230,6 +230,12 @@ def restore_model(directory: str | os.PathLike, config: ViTConfig) -> ViT:
         raise CheckpointError(f"cannot read {source} ({_reason(error)})") from None
     abstract = nnx.eval_shape(lambda: ViT(config, rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)
+    # Onto this process' first device, whatever devices (or processes) saved it: a model
+    # saved by a run over several processes loads in one (the caller replicates it).
+    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract_state = jax.tree.map(
+        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=local),
+        abstract_state)
     try:
         with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as checkpointer:
             state = checkpointer.restore(source, args=ocp.args.StandardRestore(abstract_state))
