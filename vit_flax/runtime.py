@@ -5,6 +5,7 @@ point that trains (`vit_flax.run`, and so train.py) applies them, and each can b
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import sys
 import threading
@@ -23,18 +24,22 @@ def unroll_threefry_on_cpu() -> bool:
     ~230M dropout bits; measured on a 2-core CPU, 170M Bernoulli draws take 2.2 s rolled and
     0.6 s unrolled. The bits are the same (the same function, written out), so results do not
     change. This replaces a JAX-internal lowering rule for the whole process (programs
-    compiled afterwards use it): where this JAX version has none under that name, nothing
-    changes and False is returned.
+    compiled afterwards use it): where this JAX version has none under the names known
+    (jax 0.9 to 0.10 tested), nothing changes and False is returned.
     """
     try:
         from jax._src.interpreters import mlir
-        from jax._src.random import threefry2x32
-        rule = threefry2x32._threefry2x32_lowering_rule
-        primitive = threefry2x32.threefry2x32_p
-    except (ImportError, AttributeError):
+    except ImportError:
         return False
-    mlir.register_lowering(primitive, rule, platform="cpu", inline=False)
-    return True
+    for name in ("jax._src.random.threefry2x32", "jax._src.prng"):  # JAX >= 0.10, older.
+        try:
+            module = importlib.import_module(name)
+            rule, primitive = module._threefry2x32_lowering_rule, module.threefry2x32_p
+        except (ImportError, AttributeError):
+            continue
+        mlir.register_lowering(primitive, rule, platform="cpu", inline=False)
+        return True
+    return False
 
 
 # How long JAX's coordination service waits for a silent process (killed, or its host gone)
