@@ -72,13 +72,6 @@ def put_batch_sharded(tree, mesh: Mesh):
     return put_global(tree, batch_sharded(mesh))
 
 
-def abstract_on(tree, sharding) -> object:
-    """`tree`'s shapes and dtypes, placed on `sharding`: a restore target, so that arrays
-    saved from other devices (another count, other processes) load onto these."""
-    return jax.tree.map(
-        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding), tree)
-
-
 def is_main_process() -> bool:
     """On several hosts every process trains; only the first writes files and logs."""
     return jax.process_index() == 0
