@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_reduced_gpu_check_runs_every_part_and_reports(tmp_path):
     completed = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--reduced",
                                 "--output", str(tmp_path)], cwd=REPO, capture_output=True,
-                               text=True, timeout=600)
+                               text=True, timeout=1500)  # Its parts' limits: 4 x 300 s.
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert completed.returncode == 0, json.dumps(report, indent=1)[-4000:]
     for dtype in ("float32", "bfloat16"):
