@@ -3,6 +3,7 @@ in the real on-disk formats. No test reaches the network."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,19 @@ TINY = dict(num_classes=3, input_size=8, image_size=12, patch_size=4, projection
 TINY_FLAGS = ["--input-size", "8", "--image-size", "12", "--patch-size", "4",
               "--projection-dim", "8", "--num-heads", "2", "--transformer-layers", "1",
               "--mlp-head-units", "16,8", "--batch-size", "8"]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def compilation_cache_in_a_temporary_folder(tmp_path_factory):
+    """Runs that go through vit_flax.run (train.py) cache compiled programs; in tests, in a
+    temporary folder (subprocesses inherit it), never in the user's ~/.cache."""
+    previous = os.environ.get("VIT_FLAX_CACHE")
+    os.environ["VIT_FLAX_CACHE"] = str(tmp_path_factory.mktemp("jax-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("VIT_FLAX_CACHE", None)
+    else:
+        os.environ["VIT_FLAX_CACHE"] = previous
 
 
 @pytest.fixture
