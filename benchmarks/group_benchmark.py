@@ -1,0 +1,199 @@
+"""Many runs in one program (vit_flax.group) against the same runs one after another
+(vit_flax.train): wall time, compile included, and the step's memory per number of runs.
+
+    python benchmarks/group_benchmark.py                      # 4 and 8 seeds, 2 epochs
+    python benchmarks/group_benchmark.py --runs 4 8 --images 384 --epochs 2
+    python benchmarks/group_benchmark.py --agreement          # group vs solo, 1 and 2 devices
+
+A small config in the spirit of the README's small-model recipe (32x32 inputs, 4x4 patches,
+4 blocks of width 64, head 512->256; batch 128) on random uint8 images. Each measurement
+runs in its own process, so none profits from another's compiled programs or imports:
+  solo    seeds 0..N-1 one after another with vit_flax.train; the time after 4 and after 8
+  group   the same seeds with vit_flax.group.train_group, for each N
+  memory  the compiled group step's memory_analysis() for 1, 2, 4, 8 runs, and the solo
+          step's (steps.make_train_step) beside it
+  agreement  (--agreement) tests/conftest.py's TINY config, 2 seeds, 2 epochs, the data of
+          tests/test_group.py: each run of the group against its solo run, on 1 and on 2
+          (simulated CPU) devices: the largest difference of each metric, and the
+          seed-to-seed difference of the solo runs beside it
+Every time is that of the library calls (model creation, compile, training, validation,
+checkpoints, test evaluation, files), not of the process start: wall time, and CPU time
+(all threads of the process), which other work on a shared machine inflates far less;
+each part also reports the load average before and after it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SMALL = dict(num_classes=10, input_size=32, image_size=32, patch_size=4, projection_dim=64,
+             num_heads=4, transformer_layers=4, mlp_head_units=(512, 256), batch_size=128,
+             microbatch_size=128)
+
+
+def problem(images: int):
+    import numpy as np
+
+    from vit_flax import data
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, images + 128)
+    pixels = rng.integers(0, 256, (images + 128, 32, 32, 3), dtype=np.uint8)
+    return data.from_arrays(pixels[:images], labels[:images], pixels[images:], labels[images:])
+
+
+def configs(runs: int, epochs: int):
+    import vit_flax
+
+    return [vit_flax.ViTConfig(**SMALL, epochs=epochs, seed=seed) for seed in range(runs)]
+
+
+def solo(runs: int, images: int, epochs: int) -> dict:
+    import vit_flax
+
+    splits, elapsed = problem(images), []
+    started, cpu = time.perf_counter(), time.process_time()
+    with tempfile.TemporaryDirectory() as root:
+        for config in configs(runs, epochs):
+            vit_flax.train(config, splits, Path(root) / str(config.seed), log=lambda _: None)
+            elapsed.append((time.perf_counter() - started, time.process_time() - cpu))
+    return {"cumulative": elapsed}
+
+
+def group(runs: int, images: int, epochs: int) -> dict:
+    from vit_flax.group import train_group
+
+    splits = problem(images)
+    started, cpu = time.perf_counter(), time.process_time()
+    with tempfile.TemporaryDirectory() as root:
+        summary = train_group(configs(runs, epochs), splits, root, log=lambda _: None)
+    return {"seconds": time.perf_counter() - started, "cpu": time.process_time() - cpu,
+            "compile_seconds": summary["compile_seconds"]}
+
+
+def memory(runs_list: list[int], images: int) -> dict:
+    """memory_analysis() of the group step per number of runs, and of the solo step."""
+    import jax
+    import numpy as np
+
+    from vit_flax import data, feeds, group, optim, parallel, steps
+    from vit_flax.model import create_model
+
+    splits, mesh = problem(images), parallel.data_mesh()
+    train_set, validation_set = data.validation_split(splits.train, 0.1)
+    sizes = {}
+    for runs in runs_list:
+        members = [group.Member(group.run_name(c), c, Path("unused"))
+                   for c in configs(runs, 2)]
+        fit, _ = group.prepare_group(members, train_set, validation_set, splits.train.images,
+                                     mesh)
+        sizes[runs] = analysis(fit.train_step)
+    config = configs(1, 2)[0]
+    graphdef, params, statistics = steps.split_model(create_model(config, train_set.images))
+    tx = optim.for_config(config, -(-len(train_set) // config.batch_size))
+    state = jax.device_put((steps.TrainState.create(params, tx, config), statistics),
+                           parallel.replicated(mesh))
+    row = jax.device_put(np.zeros(config.batch_size, np.int32), parallel.batch_sharded(mesh))
+    compiled = steps.make_train_step(graphdef, tx, mesh, config.microbatch_size).lower(
+        *state, steps.Totals.zero(), *feeds.DeviceFeed(train_set, mesh).arrays, row).compile()
+    return {"group": sizes, "solo": analysis(compiled)}
+
+
+def agreement() -> dict:
+    import jax
+    import numpy as np
+
+    import vit_flax
+    from vit_flax import group
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from test_group import METRICS, NAMES, RUNS, history, small_problem
+
+    with tempfile.TemporaryDirectory() as root:
+        group.train_group(RUNS[:2], small_problem(), root, log=lambda _: None)
+        together = [history(Path(root) / "runs" / name) for name in NAMES[:2]]
+        for config in RUNS[:2]:
+            vit_flax.train(config, small_problem(), Path(root) / str(config.seed),
+                           log=lambda _: None)
+        alone = [history(Path(root) / str(config.seed)) for config in RUNS[:2]]
+    difference = np.abs(np.subtract(together, alone)).max(axis=(0, 1))
+    return {"devices": jax.device_count(),
+            "first_epoch_loss": float(np.abs(np.subtract(together, alone))[:, 0, 0].max()),
+            "group_vs_solo": dict(zip(METRICS, difference.tolist(), strict=True)),
+            "seed_to_seed": dict(zip(METRICS, np.abs(np.subtract(*alone)).max(axis=0).tolist(),
+                                     strict=True))}
+
+
+def analysis(compiled) -> dict[str, int]:
+    memory = compiled.memory_analysis()
+    return {name: int(getattr(memory, f"{name}_size_in_bytes"))
+            for name in ("argument", "output", "alias", "temp")}
+
+
+def in_subprocess(part: str, args, devices: int = 1) -> dict:
+    command = [sys.executable, __file__, "--part", part, "--images", str(args.images),
+               "--epochs", str(args.epochs), "--runs", *map(str, args.runs)]
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    before = os.getloadavg()[0]
+    completed = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
+    if completed.returncode:
+        sys.exit(f"{part} failed:\n{completed.stderr[-3000:]}")
+    print(f"[{part}: load average {before:.1f} before, {os.getloadavg()[0]:.1f} after]")
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def report(args) -> None:
+    solo_times = in_subprocess("solo", args)["cumulative"]
+    groups = {runs: in_subprocess(f"group{runs}", args) for runs in args.runs}
+    print(f"{'runs':>4} {'solo wall':>10} {'group wall':>11} {'ratio':>6} {'solo CPU':>9} "
+          f"{'group CPU':>10} {'ratio':>6} {'group compile':>14}")
+    for runs, together in groups.items():
+        wall, cpu = solo_times[runs - 1]
+        print(f"{runs:>4} {wall:>9.1f}s {together['seconds']:>10.1f}s "
+              f"{together['seconds'] / wall:>6.2f} {cpu:>8.1f}s {together['cpu']:>9.1f}s "
+              f"{together['cpu'] / cpu:>6.2f} {together['compile_seconds']:>13.1f}s")
+    sizes = in_subprocess("memory", args)
+    print(f"\nstep memory (memory_analysis, MiB): solo step temp "
+          f"{sizes['solo']['temp'] / 2**20:.1f}, arguments {sizes['solo']['argument'] / 2**20:.1f}")
+    print(f"{'runs':>4} {'temp':>8} {'temp/run':>9} {'arguments':>10} {'outputs':>8} "
+          f"{'aliased':>8}")
+    for runs, size in sizes["group"].items():
+        print(f"{runs:>4} {size['temp'] / 2**20:>8.1f} {size['temp'] / 2**20 / int(runs):>9.1f}"
+              f" {size['argument'] / 2**20:>10.1f} {size['output'] / 2**20:>8.1f}"
+              f" {size['alias'] / 2**20:>8.1f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, nargs="+", default=[4, 8])
+    parser.add_argument("--images", type=int, default=384, help="training images")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--agreement", action="store_true",
+                        help="only the group-vs-solo agreement, on 1 and 2 devices")
+    parser.add_argument("--part", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.agreement:
+        for devices in (1, 2):
+            print(json.dumps(in_subprocess("agreement", args, devices)))
+    elif args.part is None:
+        report(args)
+    elif args.part == "agreement":
+        print(json.dumps(agreement()))
+    elif args.part == "solo":
+        print(json.dumps(solo(max(args.runs), args.images, args.epochs)))
+    elif args.part == "memory":
+        print(json.dumps(memory([1, 2, 4, 8], args.images)))
+    else:
+        print(json.dumps(group(int(args.part[len("group"):]), args.images, args.epochs)))
+
+
+if __name__ == "__main__":
+    main()
