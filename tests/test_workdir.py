@@ -3,6 +3,7 @@ time, a run is recognised by its marker (not by a config.json anyone could write
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import subprocess
@@ -133,3 +134,15 @@ def test_the_lock_is_released_when_its_process_dies(tmp_path):
     subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, timeout=120)
     with layout.Lock(tmp_path):  # Not held by a dead process: the kernel released it.
         pass
+
+
+def test_processes_of_one_run_probe_the_workdir_at_once(tmp_path):
+    # Every process of a multi-process run checks the shared workdir is writable; a fixed
+    # probe name was deleted by one under another ("not writable", and a dead peer).
+    def probe_often(_):
+        for _ in range(300):
+            layout.ensure_directory(tmp_path)
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        list(pool.map(probe_often, range(4)))
+    assert list(tmp_path.iterdir()) == []  # And the probes leave nothing behind.

@@ -15,6 +15,7 @@ import fcntl
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from vit_flax.config import ConfigError, ViTConfig
@@ -45,9 +46,11 @@ def ensure_directory(workdir: str | os.PathLike) -> Path:
         raise ConfigError(f"workdir={path} is a file; give a directory")
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".vit_flax-write-test"
-        probe.write_text("")
-        probe.unlink()
+        # A nameless file (O_TMPFILE where the file system has it, else a unique name):
+        # several processes of one run probe the same workdir at once, and a fixed name
+        # was created by one and deleted under the other.
+        with tempfile.TemporaryFile(dir=path):
+            pass
     except OSError as error:
         raise ConfigError(f"workdir={path} is not writable ({error.strerror})") from None
     return path
