@@ -34,6 +34,19 @@ def int_list(text: str) -> tuple[int, ...]:
             f"expected a comma-separated list of integers like 2048,1024, got {text!r}") from None
 
 
+def float_list(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number or a comma-separated list like 1e-3,3e-4, got {text!r}") from None
+
+
+# Fields that take a comma list: the runs are every combination of their values (and of
+# --seeds), trained together as one group (vit_flax.group).
+GRID_FIELDS = {"learning_rate": "learning_rates", "weight_decay": "weight_decays"}
+
+
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -51,6 +64,10 @@ def add_config_flags(parser: argparse.ArgumentParser, config_class) -> None:
             options["choices"] = typing.get_args(kind)
         elif kind == tuple[int, ...]:  # A comma list; argparse parses a str default too.
             options.update(type=int_list, default=",".join(map(str, field.default)))
+        elif field.name in GRID_FIELDS:
+            options.update(type=float_list, default=str(field.default),
+                           help=options["help"] + "; a comma list trains one run per value, "
+                                                  "together (see --seeds)")
         else:
             options["type"] = {int: integer, float: float}[kind]
         parser.add_argument(flag(field.name), **options)
@@ -58,6 +75,10 @@ def add_config_flags(parser: argparse.ArgumentParser, config_class) -> None:
 
 # run()'s keyword arguments besides the config: flag -> (default, help).
 RUN_FLAGS = {
+    "seeds": (None, "train one run per seed, together in one program (instead of --seed): "
+                    "e.g. 0,1,2,3; with comma lists for --learning-rate / --weight-decay, "
+                    "every combination; runs go to WORKDIR/runs/<name>, mean +- std over "
+                    "seeds to WORKDIR/summary.json"),
     "dataset": ("cifar100", "cifar100, cifar10 or folder"),
     "data_dir": (None, "where the data is: a CIFAR archive or prepared TFDS copy, or "
                        "PATH/train/<class>/ (and optionally PATH/test/<class>/)"),
@@ -96,8 +117,8 @@ def build_parser(config_class, recipes) -> argparse.ArgumentParser:
                              "it changes; a flag given explicitly still wins")
     add_config_flags(parser, config_class)
     for name, (default, help_text) in RUN_FLAGS.items():
-        parser.add_argument(flag(name), default=default, help=help_text,
-                            type=integer if name in INTEGER_FLAGS else str)
+        kind = int_list if name == "seeds" else integer if name in INTEGER_FLAGS else str
+        parser.add_argument(flag(name), default=default, help=help_text, type=kind)
     for name, help_text in SWITCHES.items():
         parser.add_argument(flag(name), action="store_true", help=help_text)
     return parser
@@ -112,6 +133,18 @@ def parse_args(argv, config_class, recipes) -> tuple[dict, dict]:
     given = vars(parser.parse_args(argv))
     fields = {f.name for f in dataclasses.fields(config_class) if f.metadata["flag"]}
     return args, {name: value for name, value in given.items() if name in fields}
+
+
+def configs(args: dict, given: dict, recipe, sweep):
+    """The config of the flags; the list of a group's configs (`sweep`) where --seeds or a
+    comma list asks for one."""
+    grid = {name: given.pop(name) for name in GRID_FIELDS if name in given}
+    singles = {name: values[0] for name, values in grid.items() if len(values) == 1}
+    config = recipe(args["recipe"], **given, **singles)
+    lists = {GRID_FIELDS[name]: values for name, values in grid.items() if len(values) > 1}
+    if args["seeds"] is None and not lists:
+        return config
+    return sweep(config, seeds=args["seeds"], **lists)
 
 
 def in_flags(message: str, names) -> str:
@@ -137,8 +170,8 @@ def main(argv=None) -> int:
     fields = [f.name for f in dataclasses.fields(vit_flax.ViTConfig) if f.metadata["flag"]]
     names = [*fields, *RUN_FLAGS, "overwrite", "allow_non_empty", "recipe"]
     try:
-        config = vit_flax.ViTConfig.recipe(args["recipe"], **given)
-        run_options = {name: args[name] for name in RUN_FLAGS}
+        config = configs(args, given, vit_flax.ViTConfig.recipe, vit_flax.sweep)
+        run_options = {name: args[name] for name in RUN_FLAGS if name != "seeds"}
         if run_options["compilation_cache"] == "none":
             run_options["compilation_cache"] = None
         vit_flax.run(config, **run_options,

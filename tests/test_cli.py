@@ -204,7 +204,11 @@ def test_every_config_field_has_its_flag_with_the_configs_default():
     for field in fields:
         assert (train.flag(field.name) in parser_flags) == field.metadata["flag"], field.name
     args, _ = train.parse_args([], vit_flax.ViTConfig, vit_flax.config.RECIPES)
-    from_flags = vit_flax.ViTConfig(**{f.name: args[f.name] for f in fields if f.metadata["flag"]})
+    assert {name: args[name] for name in train.GRID_FIELDS} == {"learning_rate": (0.001,),
+                                                                 "weight_decay": (0.0001,)}
+    from_flags = vit_flax.ViTConfig(**{
+        f.name: args[f.name][0] if f.name in train.GRID_FIELDS else args[f.name]
+        for f in fields if f.metadata["flag"]})
     assert from_flags == vit_flax.ViTConfig()  # The defaults are the seed's, in one place.
 
 
@@ -218,7 +222,9 @@ def train_help() -> str:
 def test_help_gives_each_flag_its_meaning_default_and_choices():
     text = " ".join(train_help().split())  # Unwrapped.
     assert "--head {flatten,gap,cls} how tokens become one vector" in text
-    assert "--learning-rate LEARNING_RATE AdamW learning rate (default: 0.001)" in text
+    assert "--learning-rate LEARNING_RATE AdamW learning rate; a comma list trains one run " \
+           "per value, together (see --seeds) (default: 0.001)" in text
+    assert "--seeds SEEDS train one run per seed, together in one program" in text
     assert "--mlp-head-units MLP_HEAD_UNITS Dense widths of the classifier MLP, a comma list " \
            "(default: 2048,1024)" in text
     assert "--keep-checkpoints KEEP_CHECKPOINTS how many epoch-end checkpoints" in text
@@ -235,3 +241,58 @@ def test_library_errors_name_arguments_and_the_cli_names_flags(tmp_path, capsys)
     assert one_error_line(capsys) == "error: --log-every must be >= 0, got -1"
     assert train.main([*nowhere, "--keep-checkpoints", "0"]) == 2
     assert one_error_line(capsys) == "error: --keep-checkpoints must be >= 1, got 0"
+
+
+def configs_of(*argv: str):
+    args, given = train.parse_args(list(argv), vit_flax.ViTConfig, vit_flax.config.RECIPES)
+    return train.configs(args, given, vit_flax.ViTConfig.recipe, vit_flax.sweep)
+
+
+def test_seeds_and_comma_lists_make_a_group_of_every_combination():
+    group = configs_of("--recipe", "strong", "--seeds", "0,1", "--learning-rate", "1e-3,3e-4",
+                       "--weight-decay", "0.01")
+    assert [(c.seed, c.learning_rate, c.weight_decay) for c in group] == [
+        (0, 1e-3, 0.01), (1, 1e-3, 0.01), (0, 3e-4, 0.01), (1, 3e-4, 0.01)]
+    # Everything else is the recipe's, as for a single run.
+    strong = vit_flax.ViTConfig.recipe("strong")
+    assert all(c == strong.replace(seed=c.seed, learning_rate=c.learning_rate,
+                                   weight_decay=0.01) for c in group)
+    # A comma list alone is a group too; one value (or none) is a single run.
+    assert len(configs_of("--weight-decay", "0,0.1")) == 2
+    assert configs_of("--learning-rate", "3e-4") == vit_flax.ViTConfig(learning_rate=3e-4)
+    assert configs_of() == vit_flax.ViTConfig()
+
+
+def test_train_py_trains_a_group_of_seeds(images, tmp_path, capsys):
+    assert train.main(folder_args(images, tmp_path, "--seeds", "0,1")) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    names = ["seed0_lr0.001_wd0.0001", "seed1_lr0.001_wd0.0001"]
+    assert list(summary["runs"]) == names
+    assert summary["over_seeds"][0]["seeds"] == [0, 1]
+    assert "learning_rate=0.001 weight_decay=0.0001, seeds [0, 1]: test accuracy" in printed
+    for name in names:
+        results = json.loads((tmp_path / "run" / "runs" / name / "results.json").read_text())
+        assert results["test_accuracy"] == summary["runs"][name]["test_accuracy"]
+        assert results["config"]["seed"] == int(name[4])
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--seeds", "0,1", "--log-every", "2"],
+     "error: --log-every 2: a group logs epochs only; give --log-every 0"),
+    (["--seeds", "0,0"], "error: the group holds the run seed0_lr0.001_wd0.0001 more than once"),
+    (["--seeds", "0,-1"], "seed"),
+    (["--learning-rate", "1e-3,nan"], "--learning-rate must be finite"),
+], ids=lambda value: " ".join(value) if isinstance(value, list) else None)
+def test_bad_groups_are_one_line_errors(images, tmp_path, capsys, flags, expected):
+    assert train.main(folder_args(images, tmp_path, *flags)) == 2
+    assert expected in one_error_line(capsys)
+    assert not (tmp_path / "run").exists()  # Refused before anything is written.
+
+
+def test_grid_lists_that_do_not_parse_are_one_line_errors(images, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        train.main(folder_args(images, tmp_path, "--learning-rate", "1e-3,fast"))
+    assert exit_.value.code == 2
+    assert "expected a number or a comma-separated list like 1e-3,3e-4, got '1e-3,fast'" in \
+        one_error_line(capsys)

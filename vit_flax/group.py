@@ -80,6 +80,17 @@ def run_name(config: ViTConfig) -> str:
             f"_wd{float(config.weight_decay)!r}")
 
 
+def sweep(config: ViTConfig, *, seeds=None, learning_rates=None,
+          weight_decays=None) -> list[ViTConfig]:
+    """`config` once for each combination of the given seeds, learning rates and weight
+    decays (each None: the config's own value): the runs of a group, in the order
+    learning rate, then weight decay, then seed (the seeds of a setting side by side)."""
+    return [config.replace(seed=seed, learning_rate=rate, weight_decay=decay)
+            for rate in learning_rates or (config.learning_rate,)
+            for decay in weight_decays or (config.weight_decay,)
+            for seed in seeds or (config.seed,)]
+
+
 def check_group(configs: list[ViTConfig]) -> list[str]:
     """The runs' names; a ConfigError for configs that cannot be one program."""
     if not configs:
@@ -164,11 +175,9 @@ def initial_state(configs: list[ViTConfig], train_images: np.ndarray, steps_per_
 def make_group_step(graphdef: nnx.GraphDef, config: ViTConfig, steps_per_epoch: int, mesh):
     """(stacked state, statistics, stacked totals, images, labels, (runs, batch) rows) ->
     (state, totals), jitted: steps.make_train_step's step vmapped over the runs (the data
-    and the statistics shared), jitted with the solo step's donation and XLA options. JAX
-    refuses compiler_options on a nested jit, so the vmap takes the unjitted step, which
-    jax.jit keeps as `__wrapped__`."""
+    and the statistics shared), jitted with the solo step's donation and XLA options."""
     tx = group_optimizer(config, steps_per_epoch)
-    solo = steps.make_train_step(graphdef, tx, mesh, config.microbatch_size).__wrapped__
+    solo = steps.train_step_function(graphdef, tx, mesh, config.microbatch_size)
     return jax.jit(jax.vmap(solo, in_axes=(0, None, 0, None, None, 0)), donate_argnums=0,
                    compiler_options=steps.compiler_options(mesh))
 

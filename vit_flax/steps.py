@@ -146,6 +146,15 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     smaller than the batch, the gradient is summed over micro-batches of that size in a
     `lax.scan` before the one optimizer update (ViTConfig.microbatch_size says why).
     """
+    # totals are not donated: the progress bar reads the previous step's while this one runs.
+    return jax.jit(train_step_function(graphdef, tx, mesh, microbatch_size), donate_argnums=0,
+                   compiler_options=compiler_options(mesh))
+
+
+def train_step_function(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+                        mesh: Mesh | None = None, microbatch_size: int | None = None):
+    """make_train_step's step before jax.jit, for programs that transform it further (a
+    group vmaps it: JAX refuses compiler_options on a nested jit)."""
 
     def micro_batch_loss(params, statistics, state, micro: Examples, index, real_examples):
         """Summed loss of the micro-batch's real examples / the batch's real examples: the
@@ -193,8 +202,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
         return new_state, _flag_nonfinite(totals.add(per_example, micros.mask),
                                           jnp.sum(losses), new_state.step)
 
-    # totals are not donated: the progress bar reads the previous step's while this one runs.
-    return jax.jit(train_step, donate_argnums=0, compiler_options=compiler_options(mesh))
+    return train_step
 
 
 def _flag_nonfinite(totals: Totals, loss: jax.Array, step: jax.Array) -> Totals:
