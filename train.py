@@ -92,6 +92,10 @@ RUN_FLAGS = {
                                   "jax.distributed)"),
     "num_processes": (None, "several processes: how many"),
     "process_id": (None, "several processes: this one's index"),
+    "init_from": (None, "fine-tune: start from the best model of this vit_flax workdir (a "
+                        "train.py run): its weights where they fit, the position embedding "
+                        "resampled to --image-size / --patch-size, the classifier new for "
+                        "this data set's classes (README, Fine-tuning)"),
     "compilation_cache": ("default", "where JAX caches compiled programs, so that a rerun "
                                      "skips most of the compile ('default': $VIT_FLAX_CACHE, "
                                      "else ~/.cache/vit_flax/jax; 'none': no cache)"),

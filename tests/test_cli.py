@@ -279,7 +279,7 @@ def test_train_py_trains_a_group_of_seeds(images, tmp_path, capsys):
 
 @pytest.mark.parametrize("flags, expected", [
     (["--seeds", "0,1", "--log-every", "2"],
-     "error: --log-every 2: a group logs epochs only; give --log-every 0"),
+     "error: --log-every 2: a group does not take it"),
     (["--seeds", "0,0"], "error: the group holds the run seed0_lr0.001_wd0.0001 more than once"),
     (["--seeds", "0,-1"], "seed"),
     (["--learning-rate", "1e-3,nan"], "--learning-rate must be finite"),

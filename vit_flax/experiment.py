@@ -20,7 +20,8 @@ def run(config: ViTConfig | Sequence[ViTConfig], *, dataset: str = "cifar100",
         num_processes: int | None = None, process_id: int | None = None,
         overwrite: bool = False, allow_non_empty: bool = False, keep_checkpoints: int = 2,
         log_every: int = 0, unroll_threefry: bool = True,
-        compilation_cache: str | os.PathLike | None = runtime.DEFAULT) -> dict:
+        compilation_cache: str | os.PathLike | None = runtime.DEFAULT,
+        init_from: str | os.PathLike | None = None) -> dict:
     """Load the named data set, then `train` on it. Everything train.py does.
 
     With `coordinator_address` (several processes or hosts), JAX's distributed runtime is
@@ -30,11 +31,12 @@ def run(config: ViTConfig | Sequence[ViTConfig], *, dataset: str = "cifar100",
     Compiled programs are cached in `compilation_cache` (default:
     runtime.default_compilation_cache(); None: no cache). A list of configs (differing only
     in seed, learning_rate and weight_decay; see group.sweep) trains as one group
-    (group.train_group) and returns its summary.
+    (group.train_group) and returns its summary. `init_from` (a vit_flax workdir; one config
+    only): fine-tune from its best model (vit_flax.finetune).
     Options are checked before any data is read.
     """
     configs = _check_options(config, train_examples, test_examples, keep_checkpoints,
-                             log_every)
+                             log_every, init_from)
     if coordinator_address is not None:
         runtime.start_distributed(coordinator_address, num_processes, process_id)
     if unroll_threefry:
@@ -52,19 +54,22 @@ def run(config: ViTConfig | Sequence[ViTConfig], *, dataset: str = "cifar100",
     with runtime.distributed_run():  # A no-op unless started as one of several processes.
         configs = [c.replace(num_classes=splits.num_classes) for c in configs]
         if isinstance(config, ViTConfig):
-            return train(configs[0], splits, workdir, log_every=log_every, **options)
+            return train(configs[0], splits, workdir, log_every=log_every,
+                         init_from=init_from, **options)
         return group.train_group(configs, splits, workdir, **options)
 
 
-def _check_options(config, train_examples, test_examples, keep_checkpoints,
-                   log_every) -> list[ViTConfig]:
+def _check_options(config, train_examples, test_examples, keep_checkpoints, log_every,
+                   init_from) -> list[ViTConfig]:
     """run's options checked, before anything starts; its config(s) as a list."""
     configs = [config] if isinstance(config, ViTConfig) else list(config)
     if not isinstance(config, ViTConfig):
         group.check_group(configs)
-        if log_every:
-            raise ConfigError(f"log_every={log_every}: a group logs epochs only; give "
-                              f"log_every=0 or train the runs one by one")
+        for name, value in (("log_every", log_every), ("init_from", init_from)):
+            if value:
+                raise ConfigError(f"{name}={value}: a group does not take it (epochs are "
+                                  f"logged, runs start from their seeds' weights); train "
+                                  f"the runs one by one")
     for name, value in (("train_examples", train_examples), ("test_examples", test_examples)):
         if value is not None and value <= 0:
             raise ConfigError(f"{name} must be a positive integer, got {value}")

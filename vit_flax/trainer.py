@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from vit_flax import data as data_lib
-from vit_flax import feeds, optim, parallel, reporting, steps
+from vit_flax import feeds, finetune, optim, parallel, reporting, steps
 from vit_flax import workdir as layout
 from vit_flax.checkpoints import RunCheckpoints, RunProgress, restore_model, save_model
 from vit_flax.config import ConfigError, ViTConfig
@@ -122,7 +122,8 @@ def evaluate(eval_step, params, statistics, feed, batch_size: int) -> dict[str, 
 def train(config: ViTConfig, splits: data_lib.Splits, workdir: str | os.PathLike,
           log: Callable[[str], None] = print, devices=None,
           data_on_device: bool | None = None, overwrite: bool = False,
-          allow_non_empty: bool = False, keep_checkpoints: int = 2, log_every: int = 0) -> dict:
+          allow_non_empty: bool = False, keep_checkpoints: int = 2, log_every: int = 0,
+          init_from: str | os.PathLike | None = None) -> dict:
     """Fit, keep the best weights by val_accuracy, evaluate them on the test split.
 
     Data-parallel over `devices` (default: all of them). The data lives on the devices
@@ -138,7 +139,9 @@ def train(config: ViTConfig, splits: data_lib.Splits, workdir: str | os.PathLike
     a run is an error unless `allow_non_empty`; a second process is refused by a lock.
     SIGTERM/SIGINT stop the run at the next step, keep the last epoch's checkpoint and raise
     signals.Interrupted. TensorBoard events go to workdir/tensorboard (every epoch, and every
-    `log_every` steps when > 0).
+    `log_every` steps when > 0). With `init_from` (a vit_flax workdir) training starts from
+    its best model's weights, the classifier new (vit_flax.finetune); checked before the
+    workdir is claimed.
     """
     check_train_options(keep_checkpoints=keep_checkpoints, log_every=log_every)
     mesh = parallel.data_mesh(devices)
@@ -148,18 +151,27 @@ def train(config: ViTConfig, splits: data_lib.Splits, workdir: str | os.PathLike
     main = parallel.is_main_process()
     if main:
         layout.check_claim(workdir, config, overwrite=overwrite, allow_non_empty=allow_non_empty)
+    model = _initial_model(config, splits, init_from, log if main else (lambda _: None))
     with layout.Lock(workdir) if main else contextlib.nullcontext():
         if main:
             layout.claim(workdir, config, overwrite=overwrite, allow_non_empty=allow_non_empty)
-        return _train_in(config, splits, workdir, log if main else (lambda _: None), mesh,
-                         data_on_device, keep_checkpoints, log_every)
+        return _train_in(config, model, splits, workdir, log if main else (lambda _: None),
+                         mesh, data_on_device, keep_checkpoints, log_every, init_from)
 
 
-def _train_in(config, splits, workdir: Path, log, mesh, data_on_device, keep_checkpoints,
-              log_every) -> dict:
-    train_set, validation_set = data_lib.validation_split(splits.train, config.validation_split)
+def _initial_model(config: ViTConfig, splits: data_lib.Splits, init_from, log) -> ViT:
     # As the seed: Normalization is adapted on all training images, the validation part too.
     model = create_model(config, splits.train.images)
+    if init_from is not None:
+        report = finetune.initialize_from(model, finetune.load_source(init_from))
+        log(f"Starting from {init_from}: {len(report['taken'])} arrays taken, "
+            f"{len(report['resampled'])} resampled, new: {', '.join(report['kept'])}")
+    return model
+
+
+def _train_in(config, model: ViT, splits, workdir: Path, log, mesh, data_on_device,
+              keep_checkpoints, log_every, init_from) -> dict:
+    train_set, validation_set = data_lib.validation_split(splits.train, config.validation_split)
     if parallel.is_main_process():
         (workdir / layout.CONFIG_FILE).write_text(config.to_json() + "\n")
         reporting.plot_patches(model, train_set.images[0], workdir / "patches.png")
@@ -177,7 +189,8 @@ def _train_in(config, splits, workdir: Path, log, mesh, data_on_device, keep_che
     results = _finish(config, splits, workdir, progress, fit.eval_step, mesh, data_on_device,
                       log)
     results.update(compile_seconds=fit.compile_seconds, train_examples=len(train_set),
-                   validation_examples=len(validation_set))
+                   validation_examples=len(validation_set),
+                   init_from=None if init_from is None else str(init_from))
     _write_json(workdir / layout.RESULTS_FILE, results)
     return results
 

@@ -1,0 +1,111 @@
+"""Fine-tuning (vit_flax.finetune, train.py --init-from): what is taken from the source,
+what is resampled, what stays new, and one-line errors for the rest."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import TINY, TINY_FLAGS, random_images, write_image_folder
+from flax import nnx
+from test_cli import train as cli
+
+import vit_flax
+from vit_flax import finetune
+from vit_flax.vit import resample_posemb
+
+
+def arrays(model) -> dict[str, np.ndarray]:
+    return {".".join(map(str, path)): np.asarray(variable.get_value())
+            for path, variable in nnx.state(model).flat_state()}
+
+
+def models(source_fields: dict, target_fields: dict):
+    """(source, target, target's arrays before): different seeds, so no array agrees by
+    chance; the source's normalization adapted on other images than the target's."""
+    tiny = vit_flax.ViTConfig(**TINY)
+    source = vit_flax.create_model(tiny.replace(seed=1, num_classes=3, **source_fields),
+                                   random_images(16, 8))
+    target = vit_flax.create_model(tiny.replace(seed=2, num_classes=5, **target_fields),
+                                   random_images(16, 8, seed=3) // 2)
+    return source, target, arrays(target)
+
+
+def test_everything_but_the_classifier_is_taken():
+    source, target, before = models({}, {})
+    report = finetune.initialize_from(target, source)
+    after, theirs = arrays(target), arrays(source)
+    assert report["kept"] == ["head.logits.bias", "head.logits.kernel"]
+    assert report["resampled"] == [] and len(report["taken"]) == len(after) - 2
+    for name, value in after.items():
+        expected = before[name] if name.startswith("head.logits") else theirs[name]
+        np.testing.assert_array_equal(value, expected, err_msg=name)
+    assert after["head.logits.kernel"].shape == (8, 5)  # This data set's 5 classes.
+    # The input normalization is the source's: its features were learned on it.
+    assert not np.array_equal(theirs["data_augmentation.normalization.mean"],
+                              before["data_augmentation.normalization.mean"])
+
+
+@pytest.mark.parametrize("head", ["gap", "cls"])
+def test_the_position_embedding_is_resampled_to_another_grid(head):
+    # 12 / 4 = a 3 x 3 grid in the source, 20 / 4 = 5 x 5 here; cls: its row kept.
+    source, target, _ = models({"head": head}, {"head": head, "image_size": 20})
+    report = finetune.initialize_from(target, source)
+    assert report["resampled"] == ["patch_encoder.position_embedding.embedding"]
+    theirs = arrays(source)["patch_encoder.position_embedding.embedding"]
+    mine = arrays(target)["patch_encoder.position_embedding.embedding"]
+    assert mine.shape == (25 + (head == "cls"), 8)
+    np.testing.assert_array_equal(mine, resample_posemb(theirs, 5, (3, 3)))
+    if head == "cls":
+        np.testing.assert_array_equal(mine[0], theirs[0])
+    # Corners of a bilinear resampling with end points on end points: the source's corners.
+    np.testing.assert_allclose(mine[-1], theirs[-1], rtol=1e-6)
+    logits = target(random_images(2, 8))
+    assert logits.shape == (2, 5) and np.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("source_fields, target_fields, expected", [
+    ({}, {"transformer_layers": 2},
+     r"^init_from: the source model has no blocks\.1\.attention\.attention_output\.bias "),
+    ({"transformer_layers": 2}, {},
+     r"^init_from: the source model has blocks\.1\..*, which this model has not"),
+    ({}, {"projection_dim": 12},
+     r"^init_from: blocks\.0\.attention\.attention_output\.bias has shape \(12,\) here and "
+     r"\(8,\) in the source model; only the classifier and the position embedding may differ$"),
+    # A flatten head's first Dense reads every token: another grid is another shape.
+    ({}, {"image_size": 20},
+     r"^init_from: head\.mlp\.dense\.0\.kernel has shape \(200, 16\) here and \(72, 16\)"),
+], ids=["fewer blocks in the source", "more blocks in the source", "another width",
+        "flatten head over another grid"])
+def test_other_differences_are_one_line_errors(source_fields, target_fields, expected):
+    source, target, before = models(source_fields, target_fields)
+    with pytest.raises(vit_flax.ConfigError, match=expected) as error:
+        finetune.initialize_from(target, source)
+    assert "\n" not in str(error.value)
+
+
+def test_train_py_fine_tunes_a_run_on_other_classes(tmp_path, capsys):
+    source_images = write_image_folder(tmp_path / "first", train_per_class=6)
+    other_images = write_image_folder(tmp_path / "second", ("bird", "ship"),
+                                      train_per_class=6, seed=1)
+    common = [*TINY_FLAGS, "--head", "gap", "--epochs", "1", "--dataset", "folder"]
+    assert cli.main([*common, "--data-dir", str(source_images),
+                       "--workdir", str(tmp_path / "source")]) == 0
+    assert cli.main([*common, "--data-dir", str(other_images), "--image-size", "16",
+                       "--init-from", str(tmp_path / "source"),
+                       "--workdir", str(tmp_path / "tuned")]) == 0
+    printed = capsys.readouterr().out
+    assert f"Starting from {tmp_path / 'source'}: " in printed
+    assert "1 resampled, new: head.logits.bias, head.logits.kernel" in printed
+    results = json.loads((tmp_path / "tuned" / "results.json").read_text())
+    assert results["init_from"] == str(tmp_path / "source")
+    assert results["config"]["num_classes"] == 2
+    # A source that is not a run: one line, and the workdir is not claimed.
+    assert cli.main([*common, "--data-dir", str(other_images),
+                       "--init-from", str(tmp_path / "nowhere"),
+                       "--workdir", str(tmp_path / "refused")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"error: --init-from {tmp_path / 'nowhere'}: ") and \
+        "\n" not in error
+    assert not (tmp_path / "refused" / ".vit_flax-run.json").exists()
