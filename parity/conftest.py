@@ -14,24 +14,30 @@ from parity import keras_reference
 from parity.harness import random_images
 from vit_flax import ViT, ViTConfig
 
-# (test, what, worst difference, tolerance) of every `record` call: printed after the run,
-# so each `pytest parity` reports the figures its tolerances are judged against.
-MEASURED: list[tuple[str, str, float, float | str]] = []
+# Each `record` call is kept in its test's report (user_properties), so the table printed
+# after the run has every test's figures, also when pytest-xdist ran them in other processes.
+MEASURED = "parity-measured"
 
 
 @pytest.fixture
 def record(request):
     def record(what: str, worst: float, tolerance: float | str) -> None:
-        MEASURED.append((request.node.name, what, float(worst), tolerance))
+        request.node.user_properties.append((MEASURED, (what, float(worst), tolerance)))
 
     return record
 
 
 def pytest_terminal_summary(terminalreporter):
-    if not MEASURED:
+    """After the run, the figures each `pytest parity` judges its tolerances against."""
+    rows = [(report.head_line, *value)
+            for outcome in ("passed", "failed")
+            for report in terminalreporter.stats.get(outcome, [])
+            if getattr(report, "when", None) == "call"
+            for key, value in getattr(report, "user_properties", ()) if key == MEASURED]
+    if not rows:
         return
     terminalreporter.section("parity: worst differences measured")
-    for test, what, worst, tolerance in MEASURED:
+    for test, what, worst, tolerance in rows:
         bound = tolerance if isinstance(tolerance, str) else f"{tolerance:.1e}"
         terminalreporter.write_line(f"{worst:10.3g}  (tolerance {bound})  {what}  [{test}]")
 

@@ -218,16 +218,21 @@ def test_train_py_strong_recipe_records_the_resolved_config(tmp_path, image_fold
     completed = subprocess.run(
         [sys.executable, "train.py", "--recipe", "strong", *TINY_FLAGS, "--dataset", "folder",
          "--data-dir", str(image_folder), "--epochs", "1", "--mixup-alpha", "0.8",
-         "--cutmix-alpha", "1.0", "--workdir", str(tmp_path / "run"),
+         "--cutmix-alpha", "1.0", "--randaugment-ops", "2", "--random-erasing", "0.25",
+         "--stochastic-depth", "0.1", "--workdir", str(tmp_path / "run"),
          "--compilation-cache", "none"],
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
         capture_output=True, text=True, timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert completed.returncode == 0, completed.stderr[-3000:]
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     strong = vit_flax.config.RECIPES["strong"]
-    # The recipe's values, except where a flag was given (TINY_FLAGS and the mixing).
+    # The recipe's values, except where a flag was given (TINY_FLAGS, and every ingredient
+    # the recipe leaves off: all of them together, in one real process).
     assert saved["crop_padding"] == strong["crop_padding"] and saved["head"] == "gap"
-    assert saved["schedule"] == "cosine" and saved["randaugment_ops"] == 2
+    assert (saved["schedule"], saved["warmup_epochs"], saved["label_smoothing"]) == \
+        ("cosine", strong["warmup_epochs"], strong["label_smoothing"])
+    assert (saved["randaugment_ops"], saved["random_erasing"], saved["stochastic_depth"]) == \
+        (2, 0.25, 0.1)
     assert (saved["patch_size"], saved["image_size"], saved["mixup_alpha"]) == (4, 12, 0.8)
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["config"] == saved and np.isfinite(results["test_loss"])
