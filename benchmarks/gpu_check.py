@@ -113,13 +113,13 @@ def config_flags(config: str | None) -> list[str]:
             for name, value in fields.items()]
 
 
-def epoch(plan: dict, work: Path, env: dict) -> dict:
+def epoch(plan: dict, work: Path, env: dict, tarball: Path = TARBALL) -> dict:
     """One train.py epoch on the CIFAR-10 JPEGs; its time from history.json."""
-    if not TARBALL.is_file():
-        return {"status": "skipped", "reason": f"{TARBALL} not found"}
+    if not tarball.is_file():
+        return {"status": "skipped", "reason": f"{tarball} not found"}
     images, workdir = work / "cifar10", work / "epoch"
     started = time.perf_counter()
-    unpack(TARBALL, images, plan["per_class"])
+    unpack(tarball, images, plan["per_class"])
     part = run_part([sys.executable, "train.py", "--dataset", "folder", "--data-dir",
                      str(images), "--epochs", "1", "--batch-size", str(plan["batch_size"]),
                      "--workdir", str(workdir), "--compilation-cache", "none",
@@ -191,6 +191,8 @@ def main(argv=None) -> int:
     parser.add_argument("--reduced", action="store_true",
                         help="a small form on the CPU (tiny model, few images)")
     parser.add_argument("--output", default="gpu_check", help="folder for the report")
+    parser.add_argument("--tarball", type=Path, default=TARBALL,
+                        help="train/<class>/*.jpg images for the epoch part")
     args = parser.parse_args(argv)
     plan = REDUCED if args.reduced else FULL
     env = dict(os.environ, JAX_PLATFORMS="cpu") if args.reduced else dict(os.environ)
@@ -200,7 +202,7 @@ def main(argv=None) -> int:
               "reduced": args.reduced}
     with tempfile.TemporaryDirectory() as work:
         report["benchmark"] = benchmark(plan, Path(work), env)
-        report["epoch"] = epoch(plan, Path(work), env)
+        report["epoch"] = epoch(plan, Path(work), env, args.tarball)
         report["parity"] = parity(plan, Path(work), env)
     report["seconds"] = time.perf_counter() - started
     output = Path(args.output)

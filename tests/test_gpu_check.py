@@ -2,17 +2,41 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
+
+import numpy as np
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+def jpeg_tarball(path: Path, classes: int = 10, per_class: int = 24) -> Path:
+    """train/<class>/NNNN.jpg, as the shared CIFAR-10 copy (which a clone may not have
+    beside it), small."""
+    rng = np.random.default_rng(0)
+    with tarfile.open(path, "w:gz") as tar:
+        for label in range(classes):
+            for i in range(per_class):
+                pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                encoded = io.BytesIO()
+                Image.fromarray(pixels).save(encoded, format="JPEG")
+                member = tarfile.TarInfo(f"train/class{label}/{i:04d}.jpg")
+                member.size = encoded.tell()
+                encoded.seek(0)
+                tar.addfile(member, encoded)
+    return path
+
+
 def test_reduced_gpu_check_runs_every_part_and_reports(tmp_path):
+    tarball = jpeg_tarball(tmp_path / "images.tar.gz")
     completed = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--reduced",
-                                "--output", str(tmp_path)], cwd=REPO, capture_output=True,
+                                "--output", str(tmp_path), "--tarball", str(tarball)],
+                               cwd=REPO, capture_output=True,
                                text=True, timeout=1500)  # Its parts' limits: 4 x 300 s.
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert completed.returncode == 0, json.dumps(report, indent=1)[-4000:]
