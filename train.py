@@ -26,20 +26,19 @@ def integer(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
 
 
-def int_list(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a comma-separated list of integers like 2048,1024, got {text!r}") from None
+def comma_list(kind, expected: str):
+    """A flag type: comma-separated values of `kind`, as a tuple."""
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(kind(part) for part in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+
+    return parse
 
 
-def float_list(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(part) for part in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a number or a comma-separated list like 1e-3,3e-4, got {text!r}") from None
+int_list = comma_list(int, "a comma-separated list of integers like 2048,1024")
+float_list = comma_list(float, "a number or a comma-separated list like 1e-3,3e-4")
 
 
 # Fields that take a comma list: the runs are every combination of their values (and of
