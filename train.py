@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import re
 import sys
 import typing
@@ -97,7 +98,8 @@ RUN_FLAGS = {
                         "this data set's classes (README, Fine-tuning)"),
     "compilation_cache": ("default", "where JAX caches compiled programs, so that a rerun "
                                      "skips most of the compile ('default': $VIT_FLAX_CACHE, "
-                                     "else ~/.cache/vit_flax/jax; 'none': no cache)"),
+                                     "else $XDG_CACHE_HOME/vit_flax/jax, else "
+                                     "~/.cache/vit_flax/jax; 'none': no cache)"),
 }
 SWITCHES = {
     "overwrite": "delete a vit_flax run of another configuration found in --workdir (only "
@@ -107,17 +109,30 @@ SWITCHES = {
     "no_unroll_threefry": "keep JAX's own (rolled) CPU lowering of its random hash: same "
                           "bits, slower steps on CPU, smaller programs",
 }
+# What a failed write leaves: every finished epoch's checkpoint (saved before the figures
+# and TensorBoard events of its end) and the best model, so a rerun resumes.
+_RESUME = "; the epochs finished before are saved: {}, then run the same command to resume"
+OS_ERROR_HINTS = {errno.ENOSPC: _RESUME.format("free space"),
+                  errno.EDQUOT: _RESUME.format("free space"),
+                  errno.EACCES: _RESUME.format("fix the permissions"),
+                  errno.EROFS: _RESUME.format("make the file system writable")}
 INTEGER_FLAGS = {"train_examples", "test_examples", "keep_checkpoints", "log_every",
                  "num_processes", "process_id"}
 
 
-def build_parser(config_class, recipes) -> argparse.ArgumentParser:
+def build_parser(config_class, recipes, models) -> argparse.ArgumentParser:
     parser = OneLineParser(description=__doc__.splitlines()[0],
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--recipe", choices=tuple(recipes), default="keras",
                         help="keras: the seed's recipe exactly; strong: a measured recipe for "
                              "training from scratch (README). Sets the defaults of the fields "
                              "it changes; a flag given explicitly still wins")
+    parser.add_argument("--model", choices=tuple(models), default="seed",
+                        help="seed: the Keras example's ViT, as the flags below build it; "
+                             "vit-*: a standard ViT of that size (Keras Hub's; --init-from "
+                             "a preset of it to fine-tune) at --image-size 224: sets "
+                             "--architecture standard, the patch size, depth, heads and width, "
+                             "a class-token head and no dropout; a flag given explicitly wins")
     add_config_flags(parser, config_class)
     for name, (default, help_text) in RUN_FLAGS.items():
         kind = int_list if name == "seeds" else integer if name in INTEGER_FLAGS else str
@@ -127,9 +142,9 @@ def build_parser(config_class, recipes) -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(argv, config_class, recipes) -> tuple[dict, dict]:
+def parse_args(argv, config_class, recipes, models) -> tuple[dict, dict]:
     """(every option's value, the config fields given explicitly on the command line)."""
-    parser = build_parser(config_class, recipes)
+    parser = build_parser(config_class, recipes, models)
     args = vars(parser.parse_args(argv))
     for action in parser._actions:  # Parse again with no defaults: what was given remains.
         action.default = argparse.SUPPRESS
@@ -143,24 +158,26 @@ def configs(args: dict, given: dict, recipe, sweep):
     comma list asks for one."""
     grid = {name: given.pop(name) for name in GRID_FIELDS if name in given}
     singles = {name: values[0] for name, values in grid.items() if len(values) == 1}
-    config = recipe(args["recipe"], **given, **singles)
+    config = recipe(args["recipe"], model=args["model"], **given, **singles)
     lists = {GRID_FIELDS[name]: values for name, values in grid.items() if len(values) > 1}
     if args["seeds"] is None and not lists:
         return config
     return sweep(config, seeds=args["seeds"], **lists)
 
 
-def in_flags(message: str, names) -> str:
+def in_flags(message: str, names, switches=SWITCHES) -> str:
     """A library message in the CLI's words: a config field or run() argument it names
-    becomes its flag: `name=value` always, a bare name when it has an underscore (a bare
-    "epochs" or "seed" may be plain English)."""
+    becomes its flag: `name=value` always (`name=True` of an on/off switch: the bare flag),
+    a bare name when it has an underscore (a bare "epochs" or "seed" may be plain English)."""
     alternatives = "|".join(sorted(names, key=len, reverse=True))
-    pattern = re.compile(r"(?<![-\w])(" + alternatives + r")(=|\b)")
+    pattern = re.compile(r"(?<![-\w])(" + alternatives + r")(=True\b|=|\b)")
 
     def replace(match):
         name, equals = match.groups()
+        if equals == "=True" and name in switches:
+            return flag(name)
         if equals:
-            return flag(name) + " "
+            return flag(name) + " " + equals[1:]
         return flag(name) if "_" in name else name
 
     return pattern.sub(replace, message)
@@ -169,9 +186,10 @@ def in_flags(message: str, names) -> str:
 def main(argv=None) -> int:
     import vit_flax
 
-    args, given = parse_args(argv, vit_flax.ViTConfig, vit_flax.config.RECIPES)
+    args, given = parse_args(argv, vit_flax.ViTConfig, vit_flax.config.RECIPES,
+                             vit_flax.config.MODELS)
     fields = [f.name for f in dataclasses.fields(vit_flax.ViTConfig) if f.metadata["flag"]]
-    names = [*fields, *RUN_FLAGS, "overwrite", "allow_non_empty", "recipe"]
+    names = [*fields, *RUN_FLAGS, "overwrite", "allow_non_empty", "recipe", "model"]
     try:
         config = configs(args, given, vit_flax.ViTConfig.recipe, vit_flax.sweep)
         run_options = {name: args[name] for name in RUN_FLAGS if name != "seeds"}
@@ -185,6 +203,9 @@ def main(argv=None) -> int:
         return 2
     except FloatingPointError as error:
         print(f"error: {in_flags(str(error), names)}", file=sys.stderr)
+        return 1
+    except OSError as error:  # A write the library does not wrap: a figure, TensorBoard.
+        print(f"error: {error}{OS_ERROR_HINTS.get(error.errno, '')}", file=sys.stderr)
         return 1
     except vit_flax.Interrupted as error:
         print(f"interrupted: {error}", file=sys.stderr)

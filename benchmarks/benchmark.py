@@ -91,7 +91,7 @@ def run_vit_flax(batch_size: int, steps: int, one_pass: bool, dtype: str = "floa
     import vit_flax
     from vit_flax import runtime
     from vit_flax import steps as steps_lib
-    from vit_flax.model import create_model
+    from vit_flax.models import create_model
     from vit_flax.optim import keras_adamw
 
     if cache:

@@ -37,7 +37,7 @@ def vit_flax_parts(batch_size: int) -> dict[str, float]:
     import vit_flax
     from vit_flax import augment, runtime
     from vit_flax import steps as steps_lib
-    from vit_flax.model import create_model
+    from vit_flax.models import create_model
     from vit_flax.optim import keras_adamw
 
     images, labels = random_batch(batch_size)

@@ -84,7 +84,7 @@ def memory(runs_list: list[int], images: int) -> dict:
     import numpy as np
 
     from vit_flax import data, feeds, group, optim, parallel, steps
-    from vit_flax.model import create_model
+    from vit_flax.models import create_model
 
     splits, mesh = problem(images), parallel.data_mesh()
     train_set, validation_set = data.validation_split(splits.train, 0.1)

@@ -96,6 +96,9 @@ def train_flax(model: ViT, config: ViTConfig, train, validation) -> list[dict]:
     history = []
     for epoch in range(1, config.epochs + 1):
         state, row = trainer.train_epoch(fit, state, epoch)
+        if row["first_nonfinite_step"] >= 0:
+            raise FloatingPointError(f"vit_flax's loss became non-finite at step "
+                                     f"{row['first_nonfinite_step']} (epoch {epoch})")
         history.append({"val_accuracy": row["val_accuracy"], "val_loss": row["val_loss"],
                         "accuracy": row["accuracy"]})
         log(f"  vit_flax epoch {epoch}: val_accuracy {row['val_accuracy']:.4f} "

@@ -16,7 +16,7 @@ import numpy as np
 
 from parity.harness import SMALL, random_images
 from vit_flax import predict
-from vit_flax.model import create_model
+from vit_flax.models import create_model
 
 TOLERANCE = 1e-5
 

@@ -11,6 +11,8 @@ rotation and zoom do not support jit. vit_flax runs its real jitted `steps.make_
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import keras
@@ -179,3 +181,25 @@ def test_three_full_train_steps(monkeypatch, tmp_path, record):
     loaded = parity.load_keras_weights(tmp_path / "trained.weights.h5", config)
     for keras_weight, flax_weight in match(keras_structure(keras_model), flax_structure(loaded)):
         np.testing.assert_array_equal(flax_weight.read(), keras_weight.read())
+
+
+def test_compare_trainings_vit_flax_side_is_vit_flax_train(tmp_path):
+    """compare_training.train_flax (vit_flax's epochs without a workdir) gives the history
+    vit_flax.train writes, bit for bit: the comparison measures the trainer users run."""
+    from parity import compare_training
+    from vit_flax import create_model, data, train
+
+    config = ViTConfig(num_classes=3, input_size=8, image_size=12, patch_size=4,
+                       projection_dim=8, num_heads=2, transformer_layers=1,
+                       mlp_head_units=(16, 8), batch_size=8, epochs=2)
+    images = harness.random_images(40, 8)
+    labels = np.arange(40, dtype=np.int32) % 3
+    fit_part, validation = data.validation_split(data.Dataset(images, labels),
+                                                 config.validation_split)
+    history = compare_training.train_flax(create_model(config, images), config, fit_part,
+                                          validation)
+    splits = data.Splits(data.Dataset(images, labels), None, ("a", "b", "c"))
+    train(config, splits, tmp_path / "run", log=lambda _: None, devices=jax.devices()[:1])
+    written = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert [{k: row[k] for k in ("val_accuracy", "val_loss", "accuracy")}
+            for row in written] == history

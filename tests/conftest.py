@@ -3,14 +3,18 @@ in the real on-disk formats. No test reaches the network."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 from PIL import Image
 
 from vit_flax import ViTConfig
+from vit_flax.pretrained import BACKBONE_FIELDS, variable_at, weight_table
+from vit_flax.vit import ViTHub
 
 # 8x8 inputs resized to 12x12, 3x3 = 9 patches of 4x4, one block of width 8.
 TINY = dict(num_classes=3, input_size=8, image_size=12, patch_size=4, projection_dim=8,
@@ -62,3 +66,28 @@ def write_image_folder(root: Path, classes=("cat", "dog", "frog"), train_per_cla
 @pytest.fixture
 def image_folder(tmp_path) -> Path:
     return write_image_folder(tmp_path / "images", train_per_class=12, test_per_class=4)
+
+
+def write_preset(model: ViTHub, path, converter: dict | None = None):
+    """The files save_to_preset writes, with the entries they hold for vit_flax."""
+    config = model.config
+    path.mkdir()
+    backbone = {k: getattr(config, k) for k in BACKBONE_FIELDS}
+    backbone["patch_size"] = [config.patch_size] * 2
+    (path / "config.json").write_text(json.dumps({"class_name": "ViTBackbone",
+                                                  "config": backbone}))
+    if config.num_classes is not None:
+        task = dict(num_classes=config.num_classes, pooling=config.pooling,
+                    intermediate_dim=config.intermediate_dim, activation=config.activation,
+                    dropout=config.head_dropout)
+        (path / "task.json").write_text(json.dumps({"config": task}))
+    if converter is not None:
+        (path / "image_converter.json").write_text(json.dumps({"config": converter}))
+    for entry in weight_table(config):
+        value = np.asarray(variable_at(model, entry.flax).get_value())
+        if entry.reshape:  # Back to the Conv2D's (p, p, C, D).
+            value = value.reshape(config.patch_size, config.patch_size, -1, value.shape[-1])
+        with h5py.File(path / entry.file, "a") as file:
+            file.create_dataset(entry.h5, data=value)
+            file[entry.h5].parent.attrs["name"] = entry.keras.rsplit("/", 2)[-2]
+    return path

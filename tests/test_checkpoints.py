@@ -266,24 +266,30 @@ def disk_full(*_args, **_kwargs):
     raise OSError(errno.ENOSPC, FULL)
 
 
-def cannot_save(directory: Path, epoch: int, kept: str) -> str:
-    return (f"cannot save epoch {epoch} in {directory} ({FULL}); {kept}: free space (or fix "
+def no_permission(*_args, **_kwargs):
+    raise OSError(errno.EACCES, "Permission denied")
+
+
+def cannot_save(directory: Path, epoch: int, kept: str, reason: str = FULL) -> str:
+    return (f"cannot save epoch {epoch} in {directory} ({reason}); {kept}: free space (or fix "
             f"permissions), then run the same command to resume")
 
 
+@pytest.mark.parametrize("error", [disk_full, no_permission], ids=["ENOSPC", "EACCES"])
 @pytest.mark.parametrize("failing", ["orbax", "manifest"])
 def test_a_full_disk_while_saving_is_one_line_and_loses_nothing(tmp_path, template, monkeypatch,
-                                                               failing):
+                                                               failing, error):
     run_state = tmp_path / "run_state"
     save_epochs(run_state, {1: state_of(template, 1)})
     saver = RunCheckpoints(run_state, 2, log=pytest.fail)
     # orbax writes its JSON files through etils' paths; the manifest is fsynced.
     target = (epath.gpath.PosixGPath, "write_text") if failing == "orbax" else (os, "fsync")
-    monkeypatch.setattr(*target, disk_full)
+    monkeypatch.setattr(*target, error)
     with pytest.raises(CheckpointError) as raised:
         saver.save(state_of(template, 2), RunProgress(epoch=2))
     monkeypatch.undo()
-    assert str(raised.value) == cannot_save(run_state, 2, "epoch 1 stays saved")
+    reason = FULL if error is disk_full else "Permission denied"
+    assert str(raised.value) == cannot_save(run_state, 2, "epoch 1 stays saved", reason)
     assert raised.value.__cause__ is None and raised.value.__suppress_context__
     assert sorted(os.listdir(run_state)) == ["1"] and debris(tmp_path) == []
     saver.save(state_of(template, 2), RunProgress(epoch=2))  # Space again: it saves.

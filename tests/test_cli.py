@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import importlib.util
 import json
 import math
@@ -14,6 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import jax
+import matplotlib.figure
 import numpy as np
 import pytest
 from conftest import TINY, TINY_FLAGS, random_images, write_image_folder
@@ -83,7 +85,7 @@ def test_train_py_end_to_end(image_folder, tmp_path):
             results["test_examples"]) == (32, 4, 12)
     assert json.loads((workdir / "config.json").read_text()) == results["config"]
 
-    for figure in ("loss.png", "top-5-accuracy.png", "patches.png"):
+    for figure in ("loss.png", "top-5-accuracy.png", "patches.png", "attention.png"):
         assert (workdir / figure).read_bytes()[:8] == PNG_SIGNATURE, figure
 
     lines = done.stdout.splitlines()
@@ -203,7 +205,8 @@ def test_every_config_field_has_its_flag_with_the_configs_default():
     parser_flags = set(re.findall(r"(--[a-z0-9-]+)", train_help()))
     for field in fields:
         assert (train.flag(field.name) in parser_flags) == field.metadata["flag"], field.name
-    args, _ = train.parse_args([], vit_flax.ViTConfig, vit_flax.config.RECIPES)
+    args, _ = train.parse_args([], vit_flax.ViTConfig, vit_flax.config.RECIPES,
+                              vit_flax.config.MODELS)
     assert {name: args[name] for name in train.GRID_FIELDS} == {"learning_rate": (0.001,),
                                                                  "weight_decay": (0.0001,)}
     from_flags = vit_flax.ViTConfig(**{
@@ -243,8 +246,44 @@ def test_library_errors_name_arguments_and_the_cli_names_flags(tmp_path, capsys)
     assert one_error_line(capsys) == "error: --keep-checkpoints must be >= 1, got 0"
 
 
+def test_a_messages_advice_is_a_command_line_that_runs(images, tmp_path, capsys):
+    assert train.main(folder_args(images, tmp_path)) == 0
+    capsys.readouterr()
+    other = folder_args(images, tmp_path, "--learning-rate", "0.01")
+    assert train.main(other) == 2
+    message = one_error_line(capsys)
+    assert "differs in --learning-rate); use another workdir, or --overwrite to delete" in message
+    assert train.main([*other, "--overwrite"]) == 0  # The advice, as given, runs.
+    stranger = tmp_path / "notes"
+    stranger.mkdir()
+    (stranger / "notes.txt").write_text("mine")
+    beside = [*folder_args(images, tmp_path), "--workdir", str(stranger)]
+    assert train.main(beside) == 2
+    assert "or --allow-non-empty to add a run beside" in one_error_line(capsys)
+    assert train.main([*beside, "--allow-non-empty"]) == 0
+    assert (stranger / "notes.txt").read_text() == "mine"
+    # A field that is not a switch keeps its value.
+    assert train.in_flags("use batch_size=True", ["batch_size"]) == "use --batch-size True"
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EACCES], ids=["ENOSPC", "EACCES"])
+def test_a_failed_write_outside_the_checkpoints_is_one_line(images, tmp_path, capsys,
+                                                           monkeypatch, code):
+    def failing(self, path, *args, **kwargs):
+        raise OSError(code, os.strerror(code), str(path))
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", failing)
+    assert train.main(folder_args(images, tmp_path)) == 1
+    remedy = "free space" if code == errno.ENOSPC else "fix the permissions"
+    assert one_error_line(capsys) == (
+        f"error: [Errno {code}] {os.strerror(code)}: '{tmp_path / 'run' / 'patches.png'}'; "
+        f"the epochs finished before are saved: {remedy}, then run the same command to "
+        f"resume")
+
+
 def configs_of(*argv: str):
-    args, given = train.parse_args(list(argv), vit_flax.ViTConfig, vit_flax.config.RECIPES)
+    args, given = train.parse_args(list(argv), vit_flax.ViTConfig, vit_flax.config.RECIPES,
+                                   vit_flax.config.MODELS)
     return train.configs(args, given, vit_flax.ViTConfig.recipe, vit_flax.sweep)
 
 

@@ -7,13 +7,13 @@ import json
 
 import numpy as np
 import pytest
-from conftest import TINY, TINY_FLAGS, random_images, write_image_folder
+from conftest import TINY, TINY_FLAGS, random_images, write_image_folder, write_preset
 from flax import nnx
 from test_cli import train as cli
 
 import vit_flax
 from vit_flax import finetune
-from vit_flax.vit import resample_posemb
+from vit_flax.vit import ViTHub, ViTHubConfig, resample_posemb
 
 
 def arrays(model) -> dict[str, np.ndarray]:
@@ -109,3 +109,83 @@ def test_train_py_fine_tunes_a_run_on_other_classes(tmp_path, capsys):
     assert error.startswith(f"error: --init-from {tmp_path / 'nowhere'}: ") and \
         "\n" not in error
     assert not (tmp_path / "refused" / ".vit_flax-run.json").exists()
+
+
+# --- the standard ViT (architecture='standard', train.py --model) from a Keras Hub preset ---
+
+STANDARD_FLAGS = ["--architecture", "standard", "--input-size", "16", "--image-size", "16",
+                  "--patch-size", "8", "--projection-dim", "8", "--num-heads", "2",
+                  "--transformer-layers", "2", "--head", "cls", "--mlp-head-units", "5",
+                  "--batch-size", "8"]
+STANDARD = vit_flax.ViTConfig(architecture="standard", num_classes=2, input_size=16,
+                              image_size=16, patch_size=8, projection_dim=8, num_heads=2,
+                              transformer_layers=2, head="cls", mlp_head_units=(5,),
+                              batch_size=8)
+# Its ViT as a Keras Hub classifier of 3 classes, with an image converter's scaling.
+PRESET = ViTHubConfig(image_shape=(16, 16, 3), patch_size=8, num_layers=2, num_heads=2,
+                      hidden_dim=8, mlp_dim=32, num_classes=3, intermediate_dim=5,
+                      scale=(0.5, 0.25, 2.0), offset=(-1.0, 0.0, 1.0))
+
+
+def test_a_preset_starts_a_standard_vit_that_computes_what_it_computes(tmp_path):
+    hub = ViTHub(PRESET, rngs=nnx.Rngs(4))
+    preset = write_preset(hub, tmp_path / "preset", {"image_size": [16, 16],
+                                                      "scale": list(PRESET.scale),
+                                                      "offset": list(PRESET.offset)})
+    model = vit_flax.create_model(STANDARD, random_images(16, 16))
+    before = arrays(model)
+    report = finetune.initialize_from(model, finetune.load_source(preset))
+    assert report["kept"] == ["vit.predictions.bias", "vit.predictions.kernel"]
+    assert report["resampled"] == []
+    after, theirs = arrays(model), arrays(hub)
+    for name in report["kept"]:
+        np.testing.assert_array_equal(after[name], before[name])
+    for name in report["taken"]:
+        if name.startswith("vit."):
+            np.testing.assert_array_equal(after[name], theirs[name[len("vit."):]])
+    # The converter's x * scale + offset became the Normalization: the same features, on
+    # raw 0..255 pixels, within float32 round-off of the two formulas (measured 1e-6).
+    images = random_images(4, 16).astype(np.float32)
+    np.testing.assert_allclose(vit_flax.features(model, images),
+                               vit_flax.features(hub, images), atol=1e-5)
+
+
+def test_a_preset_at_another_image_size_has_its_position_embedding_resampled(tmp_path):
+    hub = ViTHub(PRESET, rngs=nnx.Rngs(4))
+    preset = write_preset(hub, tmp_path / "preset")
+    model = vit_flax.create_model(STANDARD.replace(input_size=32, image_size=32))
+    report = finetune.initialize_from(model, finetune.load_source(preset))
+    name = "vit.backbone.vit_patching_and_embedding.position_embedding.embedding"
+    assert report["resampled"] == [name]
+    np.testing.assert_allclose(arrays(model)[name],
+                               resample_posemb(arrays(hub)[name[len("vit."):]], 4, (2, 2)))
+    # No converter: the Normalization is the identity, as the preset's model computes.
+    np.testing.assert_array_equal(arrays(model)["data_augmentation.normalization.mean"], 0)
+    np.testing.assert_array_equal(arrays(model)["data_augmentation.normalization.variance"],
+                                  1)
+
+
+def test_a_seed_vit_cannot_start_from_a_standard_preset(tmp_path):
+    preset = write_preset(ViTHub(PRESET, rngs=nnx.Rngs(4)), tmp_path / "preset")
+    model = vit_flax.create_model(vit_flax.ViTConfig(**TINY))
+    with pytest.raises(vit_flax.ConfigError, match="^init_from: the source model has .*give "
+                                                   "the same architecture"):
+        finetune.initialize_from(model, finetune.load_source(preset))
+
+
+def test_train_py_fine_tunes_a_standard_vit_from_a_preset(tmp_path, capsys):
+    preset = write_preset(ViTHub(PRESET, rngs=nnx.Rngs(4)), tmp_path / "preset")
+    images = write_image_folder(tmp_path / "images", ("bird", "ship"), size=16,
+                                train_per_class=6, test_per_class=3)
+    assert cli.main([*STANDARD_FLAGS, "--epochs", "1", "--dataset", "folder", "--data-dir",
+                     str(images), "--init-from", str(preset), "--workdir",
+                     str(tmp_path / "tuned")]) == 0
+    printed = capsys.readouterr().out
+    assert "0 resampled, new: vit.predictions.bias, vit.predictions.kernel" in printed
+    model, config = vit_flax.load(tmp_path / "tuned")
+    assert type(model).__name__ == "StandardViT" and config == STANDARD.replace(epochs=1)
+    results = json.loads((tmp_path / "tuned" / "results.json").read_text())
+    test = vit_flax.data.load_folder(images, 16).test
+    assert results["test_accuracy"] == pytest.approx(
+        np.mean(vit_flax.predict(model, test.images).argmax(-1) == test.labels), abs=1e-7)
+    assert (tmp_path / "tuned" / "attention.png").is_file()

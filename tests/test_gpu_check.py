@@ -47,6 +47,7 @@ def test_reduced_gpu_check_runs_every_part_and_reports(tmp_path):
     epoch = report["epoch"]
     assert epoch["status"] == 0 and epoch["train_examples"] == 180  # 90% of 10 x 20.
     assert epoch["epoch_seconds"] > 0
+    assert epoch["seconds_per_45000_images"] == round(45_000 / epoch["images_per_second"], 2)
     counts = report["parity"]["counts"]
     assert counts["tests"] > 0 and counts["failures"] == counts["errors"] == 0
     markdown = (tmp_path / "gpu_check.md").read_text()

@@ -215,3 +215,29 @@ def test_two_devices_train_the_group_like_one(grouped, tmp_path):
     for name, two in zip(NAMES[:2], report["histories"], strict=True):
         one = history(grouped[0] / "runs" / name)
         np.testing.assert_allclose(two, one, rtol=1e-3)
+
+
+def test_each_run_of_each_epoch_gathers_its_own_seeds_order():
+    # The group's index rows, epoch by epoch: run i's are its solo run's (epoch_order of its
+    # seed and that epoch), a stopped run's all padding. A fixed epoch or one run's order for
+    # all would stay inside test_each_run_is_its_solo_run's seed-to-seed noise.
+    from types import SimpleNamespace
+
+    from vit_flax import parallel
+
+    members = [group.Member(name, config, Path("unused")) for name, config in zip(
+        NAMES, RUNS, strict=True)]
+    members[2].stopped = "non-finite loss"
+    fit = SimpleNamespace(members=members, config=CONFIG, train_feed=SimpleNamespace(size=20),
+                          mesh=parallel.data_mesh(jax.devices()[:1]))
+    seen = []
+    for epoch in (1, 2):
+        rows = np.stack([np.asarray(step) for step in group.epoch_rows(fit, epoch)])
+        for run in (0, 1):
+            expected = data.batch_indices(data.epoch_order(20, RUNS[run].seed, epoch),
+                                          CONFIG.batch_size)
+            np.testing.assert_array_equal(rows[:, run], expected)
+            seen.append(rows[:, run])
+        assert (rows[:, 2] == -1).all()
+    # Two seeds, two epochs: four different orders.
+    assert len({order.tobytes() for order in seen}) == 4

@@ -16,7 +16,7 @@ from flax import nnx
 
 import vit_flax
 from vit_flax import data, feeds, model, steps
-from vit_flax.model import create_model
+from vit_flax.models import create_model
 from vit_flax.optim import keras_adamw
 
 # The seed's LayerNormalization epsilon: `layers.LayerNormalization(epsilon=1e-6)`, three

@@ -19,7 +19,7 @@ from flax import nnx
 import vit_flax
 from vit_flax import data, parallel, steps
 from vit_flax.feeds import batch_rows, to_device
-from vit_flax.model import create_model
+from vit_flax.models import create_model
 from vit_flax.optim import keras_adamw
 
 FOUR_DEVICES = textwrap.dedent("""

@@ -66,3 +66,20 @@ def test_numpy_integer_batch_size_and_an_empty_batch_are_accepted(model):
                                vit_flax.predict(model, images, batch_size=2), rtol=0, atol=0)
     empty = vit_flax.predict(model, np.zeros((0, 8, 8, 3), np.float32))
     assert empty.shape == (0, 3) and empty.dtype == np.float32
+
+
+@pytest.mark.parametrize("text, expected", [
+    (b"not json", "not a ViTConfig: the text is not JSON"),
+    (b"[1, 2]", "not a ViTConfig: expected a JSON object of its fields, got a list"),
+    (b'{"epochs": 3, "colour": "red"}', "not a ViTConfig: unknown fields colour"),
+    (b'{"epochs": "x"}', "not a ViTConfig: epochs must be of the type of 100, got 'x'"),
+    (b'{"mlp_head_units": [16, true]}', "not a ViTConfig: mlp_head_units must be of the type"),
+    (b"\xff\xfe{}", "not a vit_flax config.json (not UTF-8 text)"),
+], ids=["not-json", "list", "unknown-field", "wrong-type", "bool-in-tuple", "not-utf8"])
+def test_load_of_a_foreign_config_json_is_one_line_naming_the_file(tmp_path, text, expected):
+    (tmp_path / "best_checkpoint").mkdir()
+    (tmp_path / "config.json").write_bytes(text)
+    with pytest.raises(vit_flax.ConfigError) as raised:
+        vit_flax.load(tmp_path)
+    assert str(raised.value).startswith(f"{tmp_path / 'config.json'}: {expected}")
+    assert "\n" not in str(raised.value)

@@ -13,13 +13,12 @@ import h5py
 import jax
 import numpy as np
 import pytest
-from conftest import TINY, random_images
+from conftest import TINY, random_images, write_preset
 from flax import nnx
 
 from vit_flax import ViT, ViTConfig
 from vit_flax.checkpoints import save_model
 from vit_flax.pretrained import (
-    BACKBONE_FIELDS,
     PretrainedError,
     load_pretrained,
     variable_at,
@@ -30,31 +29,6 @@ from vit_flax.vit import ViTHub, ViTHubConfig, resample_posemb
 CLASSIFIER = ViTHubConfig(image_shape=(16, 16, 3), patch_size=8, num_layers=2, num_heads=2,
                           hidden_dim=8, mlp_dim=12, num_classes=3, intermediate_dim=5)
 CONVERTER = {"image_size": [16, 16], "scale": [0.5, 0.25, 2.0], "offset": [-1.0, 0.0, 1.0]}
-
-
-def write_preset(model: ViTHub, path, converter: dict | None = None):
-    """The files save_to_preset writes, with the entries they hold for vit_flax."""
-    config = model.config
-    path.mkdir()
-    backbone = {k: getattr(config, k) for k in BACKBONE_FIELDS}
-    backbone["patch_size"] = [config.patch_size] * 2
-    (path / "config.json").write_text(json.dumps({"class_name": "ViTBackbone",
-                                                  "config": backbone}))
-    if config.num_classes is not None:
-        task = dict(num_classes=config.num_classes, pooling=config.pooling,
-                    intermediate_dim=config.intermediate_dim, activation=config.activation,
-                    dropout=config.head_dropout)
-        (path / "task.json").write_text(json.dumps({"config": task}))
-    if converter is not None:
-        (path / "image_converter.json").write_text(json.dumps({"config": converter}))
-    for entry in weight_table(config):
-        value = np.asarray(variable_at(model, entry.flax).get_value())
-        if entry.reshape:  # Back to the Conv2D's (p, p, C, D).
-            value = value.reshape(config.patch_size, config.patch_size, -1, value.shape[-1])
-        with h5py.File(path / entry.file, "a") as file:
-            file.create_dataset(entry.h5, data=value)
-            file[entry.h5].parent.attrs["name"] = entry.keras.rsplit("/", 2)[-2]
-    return path
 
 
 def arrays(model) -> dict:

@@ -73,3 +73,22 @@ def test_rollout_of_a_hand_computed_two_block_example():
                                [[[0.75, 0.25], [0.5, 0.5]]], atol=1e-7)
     np.testing.assert_allclose(research.attention_rollout([first]),
                                [[[0.75, 0.25], [0.25, 0.75]]], atol=1e-7)
+
+
+def test_heatmaps_are_the_class_tokens_rollout_row_over_the_patches(model_and_images):
+    model, images = model_and_images
+    heatmaps = research.attention_heatmaps(model, images)
+    grid = (2, 2) if isinstance(model, ViTHub) else (3, 3)
+    assert heatmaps.shape == (2, *grid)
+    row = research.attention_maps(model, images).rollout[:, 0, 1:]  # Class token first.
+    np.testing.assert_allclose(heatmaps.reshape(2, -1), row / row.sum(-1, keepdims=True),
+                               rtol=1e-6)
+
+
+def test_heatmaps_without_a_class_token_average_every_tokens_row():
+    model = ViT(ViTConfig(**TINY), rngs=nnx.Rngs(0))  # The seed's flatten head: 9 patches.
+    images = random_images(3, 8)
+    rollout = research.attention_maps(model, images).rollout
+    heatmaps = research.attention_heatmaps(model, images)
+    np.testing.assert_allclose(heatmaps.reshape(3, 9), rollout.mean(axis=1), rtol=1e-6)
+    np.testing.assert_allclose(heatmaps.sum(axis=(1, 2)), 1.0, rtol=1e-6)

@@ -13,7 +13,7 @@ from flax import nnx
 
 import vit_flax
 from vit_flax import augment, data, steps
-from vit_flax.model import create_model
+from vit_flax.models import create_model
 from vit_flax.optim import keras_adamw
 
 

@@ -179,3 +179,49 @@ def test_resample_posemb_is_big_visions_scipy_zoom():
     np.testing.assert_allclose(resampled[1:], zoomed.reshape(-1, 3), atol=1e-5)
     no_token = resample_posemb(grid.reshape(-1, 3)[:25], 3)  # 5 x 5 inferred, no prefix.
     assert no_token.shape == (9, 3)
+
+
+# --- StandardViT: the standard architecture as train.py trains it (--model vit-*) ---------
+
+@pytest.mark.parametrize("name", list(SIZES))
+def test_each_model_name_trains_the_keras_hub_classifier_of_that_size(name):
+    from vit_flax import ViTConfig
+    from vit_flax.models import abstract_model as abstract_of
+
+    config = ViTConfig.recipe("keras", model=name, num_classes=1000)
+    model = abstract_of(config)
+    assert type(model).__name__ == "StandardViT"
+    # The Normalization's statistics are not trained parameters, as in Keras.
+    assert count_params(model) == KERAS_HUB_PARAMS[name][1]
+    assert model.vit.config == ViTHubConfig.named(name, num_classes=1000)
+
+
+def test_a_standard_vit_computes_its_keras_hub_vit_on_normalized_images():
+    from vit_flax import ViTConfig, create_model
+
+    config = ViTConfig(architecture="standard", num_classes=3, input_size=8, image_size=16,
+                       patch_size=8, projection_dim=8, num_heads=2, transformer_layers=2,
+                       head="gap", mlp_head_units=(6,), dropout=0.0, attention_dropout=0.0,
+                       head_dropout=0.0)
+    images = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3)).astype(np.uint8)
+    model = create_model(config, images)
+    assert model.vit.config.pooling == "gap" and model.vit.config.intermediate_dim == 6
+    assert model.vit.config.mlp_dim == 32  # 4 x projection_dim, as every named size.
+    normalized = model.data_augmentation(images, train=False, rngs=None)
+    np.testing.assert_array_equal(model(images), model.vit(normalized))
+
+
+@pytest.mark.parametrize("fields, expected", [
+    (dict(head="flatten"), "takes head 'cls' or 'gap'"),
+    (dict(mlp_head_units=(8, 4)), "at most one mlp_head_units"),
+    (dict(stochastic_depth=0.1), "stochastic_depth 0"),
+    (dict(projection_dim=10, num_heads=4), r"projection_dim \(10\) must be divisible"),
+])
+def test_what_the_standard_architecture_cannot_be_is_a_config_error(fields, expected):
+    from vit_flax import ViTConfig
+
+    base = dict(architecture="standard", head="cls", mlp_head_units=())
+    with pytest.raises(ConfigError, match=expected):
+        ViTConfig(**{**base, **fields})
+    with pytest.raises(ConfigError, match="mlp_head_units must be positive integers"):
+        ViTConfig(mlp_head_units=())  # Only the standard head may have no hidden Dense.

@@ -58,8 +58,8 @@ def test_overwrite_deletes_only_what_vit_flax_wrote(tmp_path, splits, config):
     assert_intact(tmp_path, mine)
     assert json.loads((tmp_path / "config.json").read_text())["learning_rate"] == 0.01
     expected = {"best_checkpoint", "run_state", "tensorboard", "config.json", "history.json",
-                "results.json", "loss.png", "top-5-accuracy.png", "patches.png", layout.MARKER,
-                layout.LOCK, "notes.txt", "src", "README", "deep"}
+                "results.json", "loss.png", "top-5-accuracy.png", "patches.png", "attention.png",
+                layout.MARKER, layout.LOCK, "notes.txt", "src", "README", "deep"}
     assert {p.name for p in tmp_path.iterdir()} == expected
 
 
@@ -102,10 +102,13 @@ def test_the_marker_not_config_json_says_which_run_it_is(tmp_path, splits, confi
 
 def test_fewer_epochs_than_trained_is_refused(tmp_path, splits, config):
     vit_flax.train(config.replace(epochs=2), splits, tmp_path, log=QUIET)
+    before = {name: (tmp_path / name).read_bytes() for name in ("config.json", "results.json")}
     with pytest.raises(vit_flax.ConfigError, match="holds 2 trained epochs, more than epochs=1"):
         vit_flax.train(config, splits, tmp_path, log=QUIET)
     results = json.loads((tmp_path / "results.json").read_text())
     assert (results["epochs"], results["config"]["epochs"]) == (2, 2)
+    # The refused run rewrote nothing: config.json still says epochs=2.
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
 
 
 def test_a_second_trainer_is_refused_naming_the_holder(tmp_path, splits, config):
@@ -126,6 +129,19 @@ def test_a_second_trainer_is_refused_naming_the_holder(tmp_path, splits, config)
         f"error: --workdir {run} is in use by another training process (pid {os.getpid()}); "
         f"wait for it or use another workdir"]
     vit_flax.train(config, splits, run, log=QUIET)  # Released: it trains.
+
+
+def test_a_trainer_half_way_through_its_claim_is_in_use_not_a_stranger(tmp_path, splits,
+                                                                        config):
+    # The holder has taken the lock and is writing its marker (only the .tmp is there):
+    # a second trainer must say "in use", not "not empty and not a vit_flax run".
+    run = tmp_path / "run"
+    run.mkdir()
+    with layout.Lock(run):
+        (run / (layout.MARKER + ".tmp")).write_text("{")
+        with pytest.raises(vit_flax.ConfigError, match=f"in use by .*pid {os.getpid()}"):
+            vit_flax.train(config, splits, run, log=QUIET)
+    assert sorted(p.name for p in run.iterdir()) == sorted([layout.LOCK, layout.MARKER + ".tmp"])
 
 
 def test_the_lock_is_released_when_its_process_dies(tmp_path):

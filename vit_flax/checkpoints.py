@@ -37,7 +37,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from vit_flax.config import ConfigError, ViTConfig
-from vit_flax.model import ViT
+from vit_flax.models import Model, abstract_model
 
 MANIFEST = "vit_flax-manifest.json"  # Written last, inside each checkpoint: its checksums.
 MANIFEST_FORMAT = "vit_flax checkpoint manifest 1"
@@ -184,7 +184,7 @@ def _savable(state) -> dict:
             "rng": jax.random.key_data(state.rng)}
 
 
-def save_model(directory: str | os.PathLike, model: ViT) -> None:
+def save_model(directory: str | os.PathLike, model: Model) -> None:
     """Write the model's weights and normalization statistics to `directory` (orbax),
     replacing what is there so that at every moment the old or the new model is complete:
     the new one is written beside it with its manifest (STAGED_SUFFIX), the old one renamed
@@ -215,8 +215,8 @@ def save_model(directory: str | os.PathLike, model: ViT) -> None:
                               f"command to resume") from None
 
 
-def restore_model(directory: str | os.PathLike, config: ViTConfig) -> ViT:
-    """A ViT of `config` with the weights saved by `save_model` in `directory`, verified
+def restore_model(directory: str | os.PathLike, config: ViTConfig) -> Model:
+    """The model of `config` with the weights saved by `save_model` in `directory`, verified
     first: a one-line CheckpointError when they are missing, corrupt or not finite."""
     final = Path(directory).absolute()
     source = _complete_copy(final)
@@ -228,8 +228,7 @@ def restore_model(directory: str | os.PathLike, config: ViTConfig) -> ViT:
                               f"command gives the same model)") from None
     except OSError as error:
         raise CheckpointError(f"cannot read {source} ({_reason(error)})") from None
-    abstract = nnx.eval_shape(lambda: ViT(config, rngs=nnx.Rngs(0)))
-    graphdef, abstract_state = nnx.split(abstract)
+    graphdef, abstract_state = nnx.split(abstract_model(config))
     # Onto this process' first device, whatever devices (or processes) saved it: a model
     # saved by a run over several processes loads in one (the caller replicates it).
     local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

@@ -11,9 +11,11 @@ import json
 import math
 from typing import Literal, get_args
 
+Architecture = Literal["seed", "standard"]
 Head = Literal["flatten", "gap", "cls"]
 Dtype = Literal["float32", "bfloat16"]
 Schedule = Literal["constant", "cosine"]
+ARCHITECTURES: tuple[str, ...] = get_args(Architecture)
 HEADS: tuple[str, ...] = get_args(Head)
 DTYPES: tuple[str, ...] = get_args(Dtype)
 SCHEDULES: tuple[str, ...] = get_args(Schedule)
@@ -43,6 +45,11 @@ class ViTConfig:
         0.02, "RandomRotation: angle ~ U(-f, f) of a full turn (0.02: +-7.2 degrees)")
     zoom_factor: float = _field(0.2, "RandomZoom: height and width zoom each ~ U(1-f, 1+f)")
     # --- model ---
+    architecture: Architecture = _field(
+        "seed", "seed: the Keras example's ViT; standard: Keras Hub's ViTBackbone + "
+        "ViTImageClassifier (the ViT paper's: class token, block MLP 4 x projection_dim, "
+        "final LayerNorm; head cls or gap, mlp_head_units: none or one pre-logits Dense), "
+        "with the same input pipeline; --model sets it with a named size")
     patch_size: int = _field(6, "side of the non-overlapping patches: (72 / 6)^2 = 144")
     projection_dim: int = _field(64, "width of every token")
     num_heads: int = _field(4, "attention heads; Keras' key_dim is projection_dim, per head")
@@ -96,6 +103,7 @@ class ViTConfig:
         self._check_sizes()
         self._check_choices_and_rates()
         self._check_training()
+        self._check_standard()
 
     def _check_sizes(self):
         positive = ("num_classes", "input_size", "channels", "image_size", "patch_size",
@@ -116,12 +124,14 @@ class ViTConfig:
                 f"({self.microbatch_size}); e.g. microbatch_size="
                 f"{max(d for d in range(1, self.pass_size + 1) if self.batch_size % d == 0)}"
                 f", or microbatch_size={self.batch_size} for one pass")
-        if not self.mlp_head_units or any(u <= 0 for u in self.mlp_head_units):
+        if (not self.mlp_head_units and self.architecture == "seed") or any(
+                not isinstance(u, int) or u <= 0 for u in self.mlp_head_units):
             raise ConfigError(
                 f"mlp_head_units must be positive integers, got {self.mlp_head_units}")
 
     def _check_choices_and_rates(self):
-        for name, choices in (("dtype", DTYPES), ("head", HEADS), ("schedule", SCHEDULES)):
+        for name, choices in (("architecture", ARCHITECTURES), ("dtype", DTYPES),
+                              ("head", HEADS), ("schedule", SCHEDULES)):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"{name} must be one of {choices}, got "
                                   f"{getattr(self, name)!r}")
@@ -140,6 +150,21 @@ class ViTConfig:
         if not 0.0 <= self.randaugment_magnitude <= 10.0:
             raise ConfigError(f"randaugment_magnitude must be in [0, 10], got "
                               f"{self.randaugment_magnitude}")
+
+    def _check_standard(self):
+        """What Keras Hub's ViT can be: it has no flatten head, one optional pre-logits
+        Dense, and no stochastic depth."""
+        if self.architecture != "standard":
+            return
+        if self.head == "flatten" or len(self.mlp_head_units) > 1 or self.stochastic_depth:
+            raise ConfigError(
+                f"architecture='standard' takes head 'cls' or 'gap', at most one "
+                f"mlp_head_units (a pre-logits Dense) and stochastic_depth 0; got head="
+                f"{self.head!r}, mlp_head_units={self.mlp_head_units}, stochastic_depth="
+                f"{self.stochastic_depth}")
+        if self.projection_dim % self.num_heads:
+            raise ConfigError(f"projection_dim ({self.projection_dim}) must be divisible by "
+                              f"num_heads ({self.num_heads}) for architecture='standard'")
 
     def _check_training(self):
         if self.epochs < 0:
@@ -172,15 +197,20 @@ class ViTConfig:
 
     @property
     def transformer_units(self) -> tuple[int, int]:
-        """The block MLP's widths, [2 * dim, dim] as in the seed."""
-        return (2 * self.projection_dim, self.projection_dim)
+        """The block MLP's widths: [2 * dim, dim] as in the seed; [4 * dim, dim] for the
+        standard ViT (the ViT paper's, every named size's)."""
+        factor = 4 if self.architecture == "standard" else 2
+        return (factor * self.projection_dim, self.projection_dim)
 
     @classmethod
-    def recipe(cls, name: str, **fields) -> ViTConfig:
-        """The config of a named recipe (RECIPES); a field given here wins over it."""
+    def recipe(cls, name: str, model: str = "seed", **fields) -> ViTConfig:
+        """The config of a named recipe (RECIPES) for a named model (MODELS: its
+        architecture fields win over the recipe's); a field given here wins over both."""
         if name not in RECIPES:
             raise ConfigError(f"recipe must be one of {tuple(RECIPES)}, got {name!r}")
-        return cls(**{**RECIPES[name], **fields})
+        if model not in MODELS:
+            raise ConfigError(f"model must be one of {tuple(MODELS)}, got {model!r}")
+        return cls(**{**RECIPES[name], **MODELS[model], **fields})
 
     def replace(self, **changes) -> ViTConfig:
         return dataclasses.replace(self, **changes)
@@ -201,10 +231,27 @@ class ViTConfig:
         unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise ConfigError(f"not a ViTConfig: unknown fields {', '.join(unknown)}")
+        for field in dataclasses.fields(cls):
+            if field.name in values and not _json_type_fits(values[field.name], field.default):
+                raise ConfigError(f"not a ViTConfig: {field.name} must be of the type of "
+                                  f"{field.default!r}, got {values[field.name]!r}")
         try:
             return cls(**values)
         except TypeError as error:  # A value of the wrong type that no check names.
             raise ConfigError(f"not a ViTConfig: {error}") from None
+
+
+def _json_type_fits(value, default) -> bool:
+    """Whether a JSON value can be the field whose default is `default`: an int field takes
+    an int, a float field a number, a str field a str, a tuple field a list of ints."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(default, tuple):
+        return isinstance(value, list | tuple) and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value)
+    if isinstance(default, float):
+        return isinstance(value, int | float)
+    return isinstance(value, type(default))
 
 
 # The recipes: the fields where each differs from the seed's (ViTConfig's defaults). "keras"
@@ -225,4 +272,25 @@ RECIPES: dict[str, dict] = {
         label_smoothing=0.1,
         schedule="cosine", warmup_epochs=0.5, weight_decay=0.05,
         batch_size=128, microbatch_size=128),
+}
+
+
+# (patch_size, num_layers, num_heads, hidden_dim, mlp_dim): Table 1 of the ViT paper (B, L),
+# DeiT's Ti and S, as Keras Hub's presets and big_vision name them.
+STANDARD_SIZES = {
+    "vit-ti16": (16, 12, 3, 192, 768),
+    "vit-s16": (16, 12, 6, 384, 1536),
+    "vit-b16": (16, 12, 12, 768, 3072),
+    "vit-b32": (32, 12, 12, 768, 3072),
+    "vit-l16": (16, 24, 16, 1024, 4096),
+}
+# The models (train.py --model): the seed's ViT as the fields say, or a standard ViT of a
+# named size at 224 x 224 with Keras Hub's defaults (no dropout, class-token head, no
+# pre-logits Dense); every size's MLP is 4 x its width, as architecture='standard' builds.
+MODELS: dict[str, dict] = {
+    "seed": {},
+    **{name: dict(architecture="standard", patch_size=patch, transformer_layers=layers,
+                  num_heads=heads, projection_dim=dim, image_size=224, head="cls",
+                  mlp_head_units=(), attention_dropout=0.0, dropout=0.0, head_dropout=0.0)
+       for name, (patch, layers, heads, dim, _) in STANDARD_SIZES.items()},
 }

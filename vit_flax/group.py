@@ -61,7 +61,7 @@ from vit_flax import feeds, optim, parallel, reporting, steps
 from vit_flax import workdir as layout
 from vit_flax.checkpoints import RunCheckpoints, RunProgress, restore_model, save_model
 from vit_flax.config import ConfigError, ViTConfig
-from vit_flax.model import create_model
+from vit_flax.models import create_model
 from vit_flax.optim import keras_adamw
 from vit_flax.signals import Interrupted, StopSignals
 from vit_flax.trainer import check_data, check_train_options

@@ -12,7 +12,7 @@ import numpy as np
 from flax import nnx
 
 from vit_flax.checkpoints import restore_model
-from vit_flax.config import ViTConfig
+from vit_flax.config import ConfigError, ViTConfig
 from vit_flax.model import ViT
 from vit_flax.workdir import BEST_CHECKPOINT, BEST_CHECKPOINT_SWAP, CONFIG_FILE
 
@@ -84,5 +84,10 @@ def load(workdir: str | os.PathLike) -> tuple[ViT, ViTConfig]:
     if not config_path.is_file() or not any((workdir / name).is_dir() for name in copies):
         raise FileNotFoundError(f"{workdir} holds no finished train.py checkpoint (expected "
                                 f"{CONFIG_FILE} and {BEST_CHECKPOINT}/)")
-    config = ViTConfig.from_json(config_path.read_text())
+    try:
+        config = ViTConfig.from_json(config_path.read_text())
+    except UnicodeDecodeError:
+        raise ConfigError(f"{config_path}: not a vit_flax config.json (not UTF-8 text)") from None
+    except ConfigError as error:
+        raise ConfigError(f"{config_path}: {error}") from None
     return restore_model(workdir / BEST_CHECKPOINT, config), config

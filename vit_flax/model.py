@@ -347,12 +347,7 @@ class ViT(nnx.Module):
 
     def __call__(self, images: jax.Array, *, train: bool = False,
                  rngs: nnx.Rngs | None = None, mix: jax.Array | None = None) -> jax.Array:
-        expected = self.config.input_shape
-        if images.ndim != 4 or images.shape[1:] != expected:
-            raise ValueError(f"ViT expects images of shape (batch, "
-                             f"{', '.join(map(str, expected))}), got {images.shape}")
-        if train and rngs is None:
-            raise ValueError("train=True needs rngs=nnx.Rngs(augment=..., dropout=...)")
+        check_call(self, images, train, rngs)
         x = self.data_augmentation(images, train=train, rngs=rngs, mix=mix)
         x = self.patch_encoder(patches(x, self.config.patch_size))
         for block in self.blocks:
@@ -360,17 +355,18 @@ class ViT(nnx.Module):
         return self.head(x, train=train, rngs=rngs)
 
 
+def check_call(model: nnx.Module, images: jax.Array, train: bool, rngs) -> None:
+    """A ValueError for images of another shape than the model's config says, or a
+    training pass without random keys."""
+    expected = model.config.input_shape
+    if images.ndim != 4 or images.shape[1:] != expected:
+        raise ValueError(f"{type(model).__name__} expects images of shape (batch, "
+                         f"{', '.join(map(str, expected))}), got {images.shape}")
+    if train and rngs is None:
+        raise ValueError("train=True needs rngs=nnx.Rngs(augment=..., dropout=...)")
+
+
 @nnx.remat(static_argnums=(2,), policy=BLOCK_REMAT_POLICY)
 def _remat_block(block: TransformerBlock, x: jax.Array, train: bool,
                  rngs: nnx.Rngs | None) -> jax.Array:
     return block(x, train=train, rngs=rngs)
-
-
-def create_model(config: ViTConfig, train_images: np.ndarray | None = None) -> ViT:
-    """A freshly initialised ViT of `config` (weights from nnx.Rngs(config.seed)), its
-    Normalization adapted on `train_images` when given (as the seed adapts on x_train);
-    without them it normalizes with mean 0 and variance 1."""
-    model = ViT(config, rngs=nnx.Rngs(config.seed))
-    if train_images is not None:
-        model.data_augmentation.normalization.adapt(np.asarray(train_images))
-    return model

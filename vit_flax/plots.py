@@ -40,3 +40,21 @@ def plot_patches(image: np.ndarray, patches: np.ndarray, patch_size: int, path: 
         axes.imshow(np.clip(patch.reshape(patch_size, patch_size, -1), 0, 255).astype(np.uint8))
         axes.axis("off")
     figure.savefig(path)
+
+
+def plot_attention(images: np.ndarray, heatmaps: np.ndarray, path: Path) -> None:
+    """One column per image: the image (top) and its attention heatmap over it (bottom), the
+    heatmap stretched from its patch grid to the image's extent."""
+    figure = Figure(figsize=(2 * len(images), 4.2))
+    axes = figure.subplots(2, len(images), squeeze=False)
+    for column, (image, heatmap) in enumerate(zip(images, heatmaps, strict=True)):
+        height, width = image.shape[:2]
+        shown = np.clip(image, 0, 255).astype(np.uint8)
+        axes[0, column].imshow(shown)
+        axes[1, column].imshow(shown)
+        axes[1, column].imshow(heatmap, cmap="inferno", alpha=0.6, interpolation="bilinear",
+                               extent=(-0.5, width - 0.5, height - 0.5, -0.5))
+        for row in (0, 1):
+            axes[row, column].axis("off")
+    figure.suptitle("Attention rollout (bright: the patches the output drew on)")
+    figure.savefig(path)

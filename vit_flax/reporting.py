@@ -12,7 +12,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from vit_flax import augment, plots
+from vit_flax import augment, plots, research
 from vit_flax.config import ViTConfig
 from vit_flax.model import ViT, patches
 from vit_flax.parallel import is_main_process
@@ -122,3 +122,9 @@ def plot_patches(model: ViT, image: np.ndarray, path: Path) -> None:
     resized = augment.resize(jnp.asarray(image, jnp.float32)[None], config.image_size)
     plots.plot_patches(np.asarray(resized[0]), np.asarray(patches(resized, config.patch_size)[0]),
                        config.patch_size, path)
+
+
+def plot_attention(model: ViT, images: np.ndarray, path: Path) -> None:
+    """attention.png: the attention rollout (research.attention_heatmaps) over `images`."""
+    heatmaps = research.attention_heatmaps(model, jnp.asarray(images))
+    plots.plot_attention(np.asarray(images), np.asarray(heatmaps), path)

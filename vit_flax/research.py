@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vit_flax.model import ViT, patches
-from vit_flax.vit import ViTHub
+from vit_flax.vit import StandardViT, ViTHub
 
 
 class AttentionMaps(NamedTuple):
@@ -28,7 +28,7 @@ class _Identity(nnx.Module):
         return x
 
 
-def features(model: ViT | ViTHub, images) -> jax.Array:
+def features(model: ViT | StandardViT | ViTHub, images) -> jax.Array:
     """(batch, features): the vector the last Dense turns into logits.
 
     ViTHub: the class token (or token mean) after the final LayerNorm, through "pre_logits"
@@ -37,6 +37,9 @@ def features(model: ViT | ViTHub, images) -> jax.Array:
     images = jnp.asarray(images)
     if isinstance(model, ViTHub):
         return model.pool(model.backbone(model.preprocess(images)))
+    if isinstance(model, StandardViT):
+        x = model.data_augmentation(images, train=False, rngs=None)
+        return model.vit.pool(model.vit.backbone(x))
     # The seed's own forward pass with its logits Dense swapped for the identity, on a view
     # that shares the model's arrays (merge copies no array; the model is left unchanged).
     view = nnx.merge(*nnx.split(model))
@@ -52,18 +55,20 @@ def attention_probabilities(attention, x: jax.Array) -> jax.Array:
     return jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
 
 
-def _tokens_and_blocks(model: ViT | ViTHub, images: jax.Array):
+def _tokens_and_blocks(model: ViT | StandardViT | ViTHub, images: jax.Array):
     """The tokens the first block reads, and (block, its LayerNorm, its attention) each."""
-    if isinstance(model, ViTHub):
-        tokens = model.backbone.vit_patching_and_embedding(model.preprocess(images))
-        return tokens, [(b, b.ln_1, b.mha)
-                        for b in model.backbone.vit_encoder.transformer_blocks]
+    if isinstance(model, ViTHub | StandardViT):
+        hub = model if isinstance(model, ViTHub) else model.vit
+        x = (model.preprocess(images) if isinstance(model, ViTHub)
+             else model.data_augmentation(images, train=False, rngs=None))
+        tokens = hub.backbone.vit_patching_and_embedding(x)
+        return tokens, [(b, b.ln_1, b.mha) for b in hub.backbone.vit_encoder.transformer_blocks]
     x = model.data_augmentation(images, train=False, rngs=None)
     tokens = model.patch_encoder(patches(x, model.config.patch_size))
     return tokens, [(b, b.layer_norm_1, b.attention) for b in model.blocks]
 
 
-def attention_maps(model: ViT | ViTHub, images) -> AttentionMaps:
+def attention_maps(model: ViT | StandardViT | ViTHub, images) -> AttentionMaps:
     """Every block's attention probabilities and their rollout (Abnar & Zuidema 2020)."""
     x, blocks = _tokens_and_blocks(model, jnp.asarray(images))
     probabilities = []
@@ -71,6 +76,31 @@ def attention_maps(model: ViT | ViTHub, images) -> AttentionMaps:
         probabilities.append(attention_probabilities(attention, norm(x)))
         x = block(x, train=False, rngs=None)
     return AttentionMaps(probabilities, attention_rollout(probabilities))
+
+
+def patch_grid(model: ViT | StandardViT | ViTHub) -> tuple[int, int]:
+    """(rows, columns) of the patches the model's blocks see."""
+    if isinstance(model, ViTHub):
+        return model.config.grid
+    if isinstance(model, StandardViT):
+        return model.vit.config.grid
+    side = model.config.image_size // model.config.patch_size
+    return side, side
+
+
+def attention_heatmaps(model: ViT | StandardViT | ViTHub, images) -> jax.Array:
+    """(batch, rows, columns): how much each patch made of the model's output, by attention
+    rollout. With a class token (the seed's "cls" head, a ViTHub with use_class_token) it is
+    the class token's row, which is all the head reads; without one (flatten, gap) the mean
+    of every token's row, since the head reads every token. Each map sums to 1 over the
+    patches only (the class token's own share is left out)."""
+    rollout = attention_maps(model, images).rollout
+    rows, columns = patch_grid(model)
+    prefix = rollout.shape[-1] - rows * columns  # The class token, if any.
+    contribution = rollout[:, 0] if prefix else rollout.mean(axis=1)
+    patches_only = contribution[:, prefix:]
+    patches_only = patches_only / patches_only.sum(axis=-1, keepdims=True)
+    return patches_only.reshape(-1, rows, columns)
 
 
 def attention_rollout(probabilities: list[jax.Array]) -> jax.Array:

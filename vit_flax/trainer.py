@@ -20,8 +20,10 @@ from vit_flax import feeds, finetune, optim, parallel, reporting, steps
 from vit_flax import workdir as layout
 from vit_flax.checkpoints import RunCheckpoints, RunProgress, restore_model, save_model
 from vit_flax.config import ConfigError, ViTConfig
-from vit_flax.model import ViT, create_model
+from vit_flax.models import Model, create_model
 from vit_flax.signals import Interrupted, StopSignals
+
+ATTENTION_IMAGES = 4  # Test images in attention.png (the best model's attention rollout).
 
 
 def check_train_options(*, keep_checkpoints: int, log_every: int) -> None:
@@ -62,7 +64,7 @@ class Fit:
     compile_seconds: float = 0.0
 
 
-def prepare_fit(config: ViTConfig, model: ViT, train_set: data_lib.Dataset,
+def prepare_fit(config: ViTConfig, model: Model, train_set: data_lib.Dataset,
                 validation_set: data_lib.Dataset, mesh,
                 data_on_device: bool | None = None) -> tuple[Fit, steps.TrainState]:
     """The compiled steps, feeds and initial train state for training `model` on the mesh."""
@@ -150,6 +152,9 @@ def train(config: ViTConfig, splits: data_lib.Splits, workdir: str | os.PathLike
     workdir = layout.ensure_directory(workdir)
     main = parallel.is_main_process()
     if main:
+        # A trainer holding the lock may be half-way through its claim (no marker yet):
+        # the directory is in use, not a stranger's, and the message must say so.
+        layout.Lock(workdir).refuse_if_held()
         layout.check_claim(workdir, config, overwrite=overwrite, allow_non_empty=allow_non_empty)
     model = _initial_model(config, splits, init_from, log if main else (lambda _: None))
     with layout.Lock(workdir) if main else contextlib.nullcontext():
@@ -159,7 +164,7 @@ def train(config: ViTConfig, splits: data_lib.Splits, workdir: str | os.PathLike
                          mesh, data_on_device, keep_checkpoints, log_every, init_from)
 
 
-def _initial_model(config: ViTConfig, splits: data_lib.Splits, init_from, log) -> ViT:
+def _initial_model(config: ViTConfig, splits: data_lib.Splits, init_from, log) -> Model:
     # As the seed: Normalization is adapted on all training images, the validation part too.
     model = create_model(config, splits.train.images)
     if init_from is not None:
@@ -169,12 +174,9 @@ def _initial_model(config: ViTConfig, splits: data_lib.Splits, init_from, log) -
     return model
 
 
-def _train_in(config, model: ViT, splits, workdir: Path, log, mesh, data_on_device,
+def _train_in(config, model: Model, splits, workdir: Path, log, mesh, data_on_device,
               keep_checkpoints, log_every, init_from) -> dict:
     train_set, validation_set = data_lib.validation_split(splits.train, config.validation_split)
-    if parallel.is_main_process():
-        (workdir / layout.CONFIG_FILE).write_text(config.to_json() + "\n")
-        reporting.plot_patches(model, train_set.images[0], workdir / "patches.png")
     fit, state = prepare_fit(config, model, train_set, validation_set, mesh, data_on_device)
     log(f"Training on {len(train_set)} images, validating on {len(validation_set)}, "
         f"{mesh.size} {mesh.devices.flat[0].platform.upper()} device(s), data "
@@ -183,6 +185,10 @@ def _train_in(config, model: ViT, splits, workdir: Path, log, mesh, data_on_devi
     with contextlib.closing(RunCheckpoints(workdir / layout.RUN_STATE, keep_checkpoints,
                                           log)) as checkpoints:
         state, progress = _resume(checkpoints, state, config, workdir, mesh, log)
+        # After _resume's check: a refused resume leaves the run's config.json as it was.
+        _write_json(workdir / layout.CONFIG_FILE, json.loads(config.to_json()))
+        if parallel.is_main_process():
+            reporting.plot_patches(model, train_set.images[0], workdir / "patches.png")
         with StopSignals() as stop, reporting.EventLog(workdir, config) as events:
             fit.stop, fit.events, fit.log_every = stop, events, log_every
             _fit_epochs(fit, state, progress, checkpoints, workdir, log)
@@ -254,6 +260,9 @@ def _finish(config, splits, workdir: Path, progress: RunProgress, eval_step, mes
         results.update({f"test_{name}": value for name, value in test.items()})
         log(f"Test accuracy: {round(test['accuracy'] * 100, 2)}%")
         log(f"Test top 5 accuracy: {round(test['top-5-accuracy'] * 100, 2)}%")
+        if parallel.is_main_process():
+            reporting.plot_attention(best, splits.test.images[:ATTENTION_IMAGES],
+                                     workdir / "attention.png")
     elif splits.test is None:
         log("No test split (an image folder without test/): test metrics are not computed.")
     elif not progress.best_epoch:

@@ -25,10 +25,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vit_flax.config import ConfigError
+from vit_flax.config import DTYPES, STANDARD_SIZES, ConfigError, Dtype, ViTConfig
 from vit_flax.model import (
     BLOCK_REMAT_POLICY,
+    DataAugmentation,
     MultiHeadAttention,
+    check_call,
     compute_dtype,
     dropout,
     dropout_masks,
@@ -43,15 +45,7 @@ Activation = Literal[None, "linear", "softmax", "sigmoid"]
 POOLINGS: tuple[str, ...] = get_args(Pooling)
 ACTIVATIONS: tuple = get_args(Activation)
 
-# (patch_size, num_layers, num_heads, hidden_dim, mlp_dim): Table 1 of the ViT paper (B, L),
-# DeiT's Ti and S, as Keras Hub's presets and big_vision name them.
-SIZES = {
-    "vit-ti16": (16, 12, 3, 192, 768),
-    "vit-s16": (16, 12, 6, 384, 1536),
-    "vit-b16": (16, 12, 12, 768, 3072),
-    "vit-b32": (32, 12, 12, 768, 3072),
-    "vit-l16": (16, 24, 16, 1024, 4096),
-}
+SIZES = STANDARD_SIZES  # The named sizes: (patch_size, num_layers, num_heads, hidden, mlp).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +75,7 @@ class ViTHubConfig:
     # --- ViTImageConverter: images * scale + offset, per channel; None skips the step ---
     scale: tuple[float, ...] | None = None
     offset: tuple[float, ...] | None = None
-    dtype: Literal["float32", "bfloat16"] = "float32"  # As ViTConfig.dtype: the matmuls'.
+    dtype: Dtype = "float32"  # As ViTConfig.dtype: the matmuls'.
 
     def __post_init__(self):
         object.__setattr__(self, "image_shape", tuple(self.image_shape))
@@ -110,7 +104,7 @@ class ViTHubConfig:
         if not all(0.0 <= r < 1.0 for r in rates.values()):
             raise ConfigError(f"dropout rates must be in [0, 1), got {rates}")
         choices = dict(pooling=(self.pooling, POOLINGS), activation=(self.activation,
-                       ACTIVATIONS), dtype=(self.dtype, ("float32", "bfloat16")))
+                       ACTIVATIONS), dtype=(self.dtype, DTYPES))
         for name, (value, allowed) in choices.items():
             if value not in allowed:
                 raise ConfigError(f"{name} must be one of {allowed}, got {value!r}")
@@ -344,13 +338,51 @@ class ViTHub(nnx.Module):
                  rngs: nnx.Rngs | None = None) -> jax.Array:
         if train and rngs is None:
             raise ValueError("train=True needs rngs=nnx.Rngs(dropout=...)")
-        tokens = self.backbone(self.preprocess(images), train=train, rngs=rngs)
+        return self.classify(self.preprocess(images), train=train, rngs=rngs)
+
+    def classify(self, x: jax.Array, *, train: bool, rngs: nnx.Rngs | None) -> jax.Array:
+        """The backbone and the head on images already preprocessed."""
+        tokens = self.backbone(x, train=train, rngs=rngs)
         if self.config.num_classes is None:
             return tokens
         x = self.pool(tokens)
         [keep] = dropout_masks(rngs, train, [(x.shape, self.config.head_dropout)])
         logits = self.predictions(dropout(x, self.config.head_dropout, keep))
         return OUTPUT_ACTIVATIONS[self.config.activation](logits)
+
+
+def hub_config(config: ViTConfig) -> ViTHubConfig:
+    """The ViTHubConfig of a ViTConfig with architecture='standard' (StandardViT's ViT):
+    images at image_size (the input pipeline resizes them), no converter scaling (its
+    Normalization normalizes)."""
+    mlp_dim, dim = config.transformer_units
+    return ViTHubConfig(
+        image_shape=(config.image_size, config.image_size, config.channels),
+        patch_size=config.patch_size, num_layers=config.transformer_layers,
+        num_heads=config.num_heads, hidden_dim=dim, mlp_dim=mlp_dim,
+        dropout_rate=config.dropout, attention_dropout=config.attention_dropout,
+        layer_norm_epsilon=config.layer_norm_epsilon, num_classes=config.num_classes,
+        pooling="token" if config.head == "cls" else "gap",
+        intermediate_dim=config.mlp_head_units[0] if config.mlp_head_units else None,
+        head_dropout=config.head_dropout, dtype=config.dtype)
+
+
+class StandardViT(nnx.Module):
+    """The standard ViT as vit_flax trains it (architecture='standard', train.py --model):
+    the seed's input pipeline (`data_augmentation`: Normalization, resize to image_size, the
+    recipe's augmentation), then Keras Hub's ViTBackbone and ViTImageClassifier (`vit`).
+    Called as the seed's ViT is: raw images in, logits out."""
+
+    def __init__(self, config: ViTConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.data_augmentation = DataAugmentation(config)
+        self.vit = ViTHub(hub_config(config), rngs=rngs)
+
+    def __call__(self, images: jax.Array, *, train: bool = False,
+                 rngs: nnx.Rngs | None = None, mix: jax.Array | None = None) -> jax.Array:
+        check_call(self, images, train, rngs)
+        x = self.data_augmentation(images, train=train, rngs=rngs, mix=mix)
+        return self.vit.classify(x, train=train, rngs=rngs)
 
 
 def count_params(model: nnx.Module) -> int:

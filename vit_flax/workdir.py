@@ -28,7 +28,7 @@ RESULTS_FILE = "results.json"  # Test metrics, best epoch, config, versions.
 BEST_CHECKPOINT = "best_checkpoint"  # The best-by-val_accuracy model (orbax).
 RUN_STATE = "run_state"  # One orbax step per finished epoch, for resuming.
 TENSORBOARD = "tensorboard"  # TensorBoard event files.
-FIGURES = ("loss.png", "top-5-accuracy.png", "patches.png")
+FIGURES = ("loss.png", "top-5-accuracy.png", "patches.png", "attention.png")
 # checkpoints.save_model's temporaries of an atomic replace (left by a kill mid-swap).
 BEST_CHECKPOINT_SWAP = (BEST_CHECKPOINT + ".vit_flax-new", BEST_CHECKPOINT + ".vit_flax-old")
 OWN_ENTRIES = (MARKER, LOCK, CONFIG_FILE, HISTORY_FILE, RESULTS_FILE, BEST_CHECKPOINT,
@@ -73,9 +73,10 @@ def saved_config(path: Path) -> dict:
 
 
 def differing_fields(saved: dict, config: ViTConfig) -> list[str]:
-    current = json.loads(config.to_json())
+    # A field the saved run predates has its default there (ViTConfig.from_json's rule).
+    current, defaults = json.loads(config.to_json()), json.loads(ViTConfig().to_json())
     return sorted(k for k in current.keys() | saved.keys()
-                  if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k))
+                  if k not in RESUMABLE_CHANGES and saved.get(k, defaults.get(k)) != current.get(k))
 
 
 def check_claim(path: Path, config: ViTConfig, *, overwrite: bool = False,
@@ -175,6 +176,16 @@ class Lock:
 
     def __enter__(self) -> Lock:
         handle = open(self.path / LOCK, "a+")  # noqa: SIM115 - held until __exit__.
+        self._take(handle)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        self.handle = handle
+        return self
+
+    def _take(self, handle) -> None:
+        """flock the open lock file, or close it and raise the one-line "in use" error."""
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -183,12 +194,16 @@ class Lock:
             handle.close()
             raise ConfigError(f"workdir={self.path} is in use by another training process "
                               f"(pid {holder}); wait for it or use another workdir") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
-        self.handle = handle
-        return self
+
+    def refuse_if_held(self) -> None:
+        """The "in use" error when another process holds the lock; creates nothing."""
+        try:
+            handle = open(self.path / LOCK)  # noqa: SIM115 - closed below or by _take.
+        except FileNotFoundError:
+            return
+        self._take(handle)
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
 
     def __exit__(self, *exc) -> bool:
         with contextlib.suppress(OSError):
