@@ -13,7 +13,7 @@ from flax import nnx
 
 from vit_flax.checkpoints import restore_model
 from vit_flax.config import ConfigError, ViTConfig
-from vit_flax.model import ViT
+from vit_flax.models import Model
 from vit_flax.workdir import BEST_CHECKPOINT, BEST_CHECKPOINT_SWAP, CONFIG_FILE
 
 
@@ -22,7 +22,7 @@ def _logits(graphdef, state, images):
     return nnx.merge(graphdef, state)(images, train=False)
 
 
-def _check_inputs(model: ViT, images: np.ndarray, batch_size) -> None:
+def _check_inputs(model: Model, images: np.ndarray, batch_size) -> None:
     """ValueErrors for inputs that would give wrong logits rather than an error."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) or (
             batch_size < 1):
@@ -52,7 +52,7 @@ def _check_inputs(model: ViT, images: np.ndarray, batch_size) -> None:
             f"pass raw pixels: uint8, or floats in 0..255 (e.g. images * 255)")
 
 
-def predict(model: ViT, images, batch_size: int = 256) -> np.ndarray:
+def predict(model: Model, images, batch_size: int = 256) -> np.ndarray:
     """Logits (N, num_classes) for raw images (N, H, W, C), uint8 or float, in inference mode.
 
     Pixels are on the scale the model's Normalization was adapted on (0..255 for train.py's
@@ -75,7 +75,7 @@ def predict(model: ViT, images, batch_size: int = 256) -> np.ndarray:
     return np.concatenate(outputs)
 
 
-def load(workdir: str | os.PathLike) -> tuple[ViT, ViTConfig]:
+def load(workdir: str | os.PathLike) -> tuple[Model, ViTConfig]:
     """The best model of a `train.py --workdir` run, and its configuration."""
     workdir = Path(workdir)
     config_path = workdir / CONFIG_FILE

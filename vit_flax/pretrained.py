@@ -262,7 +262,8 @@ def load_pretrained(path: str | os.PathLike, *, config=None, num_classes: int | 
 
     - a Keras Hub preset directory (`is_preset`): a ViTHub (`load_preset`; num_classes,
       image_shape and seed apply here only);
-    - a vit_flax workdir (`best_checkpoint/`): the seed's ViT, as `vit_flax.load`;
+    - a vit_flax workdir (`best_checkpoint/`): its model (the seed's ViT or a StandardViT),
+      as `vit_flax.load`;
     - the seed's Keras `.weights.h5` (save_weights / ModelCheckpoint), with `config` the
       vit_flax.ViTConfig it was built from.
     """

@@ -14,7 +14,8 @@ import numpy as np
 
 from vit_flax import augment, plots, research
 from vit_flax.config import ViTConfig
-from vit_flax.model import ViT, patches
+from vit_flax.model import patches
+from vit_flax.models import Model
 from vit_flax.parallel import is_main_process
 from vit_flax.steps import METRIC_NAMES, Totals
 from vit_flax.workdir import TENSORBOARD
@@ -116,7 +117,7 @@ def plot_history(history: list[dict], workdir: Path) -> None:
             plots.plot_history(history, item, workdir / f"{item}.png")
 
 
-def plot_patches(model: ViT, image: np.ndarray, path: Path) -> None:
+def plot_patches(model: Model, image: np.ndarray, path: Path) -> None:
     """patches.png: one training image resized to image_size, and its patches."""
     config = model.config
     resized = augment.resize(jnp.asarray(image, jnp.float32)[None], config.image_size)
@@ -124,7 +125,7 @@ def plot_patches(model: ViT, image: np.ndarray, path: Path) -> None:
                        config.patch_size, path)
 
 
-def plot_attention(model: ViT, images: np.ndarray, path: Path) -> None:
+def plot_attention(model: Model, images: np.ndarray, path: Path) -> None:
     """attention.png: the attention rollout (research.attention_heatmaps) over `images`."""
     heatmaps = research.attention_heatmaps(model, jnp.asarray(images))
     plots.plot_attention(np.asarray(images), np.asarray(heatmaps), path)

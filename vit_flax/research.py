@@ -1,5 +1,6 @@
 """What a ViT sees: `features` (the pre-logits) and `attention_maps` (each block's attention
-probabilities and their rollout), for the standard ViT (vit.ViTHub) and the seed's ViT.
+probabilities and their rollout), for the standard ViT (vit.ViTHub, vit.StandardViT) and the
+seed's ViT.
 
 Both run in inference mode. The attention probabilities are recomputed from each block's
 query and key projections, on the input the model's own block gets (one extra pair of matmuls
@@ -31,8 +32,9 @@ class _Identity(nnx.Module):
 def features(model: ViT | StandardViT | ViTHub, images) -> jax.Array:
     """(batch, features): the vector the last Dense turns into logits.
 
-    ViTHub: the class token (or token mean) after the final LayerNorm, through "pre_logits"
-    when it has one (also without a head). The seed's ViT: its head MLP's output.
+    ViTHub (and a StandardViT's, after its input pipeline): the class token (or token mean)
+    after the final LayerNorm, through "pre_logits" when it has one (also without a head).
+    The seed's ViT: its head MLP's output.
     """
     images = jnp.asarray(images)
     if isinstance(model, ViTHub):

@@ -17,7 +17,7 @@ from jax.sharding import Mesh
 
 from vit_flax import augment, parallel
 from vit_flax.config import ViTConfig
-from vit_flax.model import ViT
+from vit_flax.models import Model
 
 Metrics = dict[str, jax.Array]
 METRIC_NAMES = ("loss", "accuracy", "top-5-accuracy")
@@ -239,6 +239,6 @@ def make_eval_step(graphdef: nnx.GraphDef, mesh: Mesh | None = None):
     return jax.jit(eval_step)
 
 
-def split_model(model: ViT) -> tuple[nnx.GraphDef, nnx.State, Any]:
+def split_model(model: Model) -> tuple[nnx.GraphDef, nnx.State, Any]:
     """(graphdef, trainable params, everything else: the normalization statistics)."""
     return nnx.split(model, nnx.Param, ...)
