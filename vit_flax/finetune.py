@@ -30,6 +30,7 @@ from vit_flax.config import ConfigError
 from vit_flax.inference import load
 from vit_flax.models import Model
 from vit_flax.pretrained import PretrainedError, is_preset, load_preset, variable_at
+from vit_flax.research import patch_grid
 from vit_flax.vit import StandardViT, ViTHub, resample_posemb
 
 # Per architecture: the classifier (re-initialised: its outputs are the new data set's
@@ -49,13 +50,6 @@ def _arrays(model: nnx.Module) -> dict[tuple, np.ndarray]:
 
 def _name(path: tuple) -> str:
     return ".".join(map(str, path))
-
-
-def _grid(model) -> tuple[int, int]:
-    if isinstance(model, ViTHub):
-        return model.config.grid
-    side = model.config.image_size // model.config.patch_size
-    return side, side
 
 
 def _architecture(model) -> str:
@@ -86,7 +80,7 @@ def _taken(path: tuple, mine: np.ndarray, theirs: np.ndarray | None, model: Mode
                           f"architecture differs from the source's; give the same "
                           f"architecture, transformer_layers, head and mlp_head_units)")
     if path == POSITION_EMBEDDING[architecture] and mine.shape[1:] == theirs.shape[1:]:
-        return resample_posemb(theirs, _grid(model), _grid(source))
+        return resample_posemb(theirs, patch_grid(model), patch_grid(source))
     if mine.shape != theirs.shape:
         raise ConfigError(f"init_from: {_name(path)} has shape {mine.shape} here and "
                           f"{theirs.shape} in the source model; only the classifier and the "
