@@ -228,7 +228,7 @@ def test_train_py_strong_recipe_records_the_resolved_config(tmp_path, image_fold
     strong = vit_flax.config.RECIPES["strong"]
     # The recipe's values, except where a flag was given (TINY_FLAGS, and every ingredient
     # the recipe leaves off: all of them together, in one real process).
-    assert saved["crop_padding"] == strong["crop_padding"] and saved["head"] == "gap"
+    assert saved["crop_padding"] == strong["crop_padding"] and saved["head"] == "flatten"
     assert (saved["schedule"], saved["warmup_epochs"], saved["label_smoothing"]) == \
         ("cosine", strong["warmup_epochs"], strong["label_smoothing"])
     assert (saved["randaugment_ops"], saved["random_erasing"], saved["stochastic_depth"]) == \

@@ -266,7 +266,8 @@ RECIPES: dict[str, dict] = {
     "strong": dict(
         image_size=32, patch_size=4,  # Native resolution, 64 tokens: no 32 -> 72 upsampling.
         projection_dim=64, num_heads=4, transformer_layers=5,
-        head="gap", mlp_head_units=(256,),  # A pooled head instead of a 9216-input Dense.
+        # The seed's flatten head (2048, 1024 over all 64 tokens): measured 11.7 points above a
+        # pooled (gap) head at a short budget, and 5.6 above flatten with one 256 Dense.
         attention_dropout=0.0, dropout=0.0, head_dropout=0.0,
         rotation_factor=0.0, zoom_factor=0.0, crop_padding=4,  # The CIFAR crop (+ flip).
         label_smoothing=0.1,
