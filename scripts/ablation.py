@@ -22,7 +22,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 # Each variant: the flags that remove one of strong's ingredients (README's recipe table),
-# restoring the seed's value of those fields.
+# restoring the seed's value of those fields; the head, which is the seed's, against the
+# pooled head strong had before this ablation chose the flatten one.
 VARIANTS = {
     "strong": [],
     "strong, another seed (the noise)": ["--seed", "1"],  # The last --seed wins.
@@ -32,7 +33,7 @@ VARIANTS = {
     "constant lr, no warmup": ["--schedule", "constant", "--warmup-epochs", "0"],
     "weight decay 1e-4": ["--weight-decay", "1e-4"],
     "batch 256": ["--batch-size", "256"],
-    "flatten head (2048, 1024)": ["--head", "flatten", "--mlp-head-units", "2048,1024"],
+    "pooled head (gap, 256)": ["--head", "gap", "--mlp-head-units", "256"],
 }
 
 

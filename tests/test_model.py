@@ -32,6 +32,16 @@ def test_parameter_count_of_each_head(head, trainable):
     assert count(model, NormalizationStatistic) == 7
 
 
+def test_parameter_count_of_the_strong_recipe():
+    # 4x4x3 patches -> 64 (3,136), 64 positions (4,096), 5 blocks of 83,200 (the seed's
+    # block: its 8 make 665,600), the final LayerNorm (128), the seed's head over 64 * 64
+    # flattened features: 4096 -> 2048 (8,390,656), 2048 -> 1024 (2,098,176), 1024 -> 100.
+    config = vit_flax.ViTConfig.recipe("strong")
+    model = nnx.eval_shape(lambda: ViT(config, rngs=nnx.Rngs(0)))
+    assert count(model, nnx.Param) == 3136 + 4096 + 5 * 83_200 + 128 + 8_390_656 + 2_098_176 \
+        + 102_500 == 11_014_692
+
+
 def test_weights_have_the_keras_layout():
     model = nnx.eval_shape(lambda: ViT(vit_flax.ViTConfig(), rngs=nnx.Rngs(0)))
     shape = lambda variable: tuple(variable.shape)  # noqa: E731
