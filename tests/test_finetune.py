@@ -134,7 +134,9 @@ def test_a_preset_starts_a_standard_vit_that_computes_what_it_computes(tmp_path)
                                                       "offset": list(PRESET.offset)})
     model = vit_flax.create_model(STANDARD, random_images(16, 16))
     before = arrays(model)
-    report = finetune.initialize_from(model, finetune.load_source(preset))
+    source = finetune.load_source(preset)
+    assert not finetune.lacks_converter(source)
+    report = finetune.initialize_from(model, source)
     assert report["kept"] == ["vit.predictions.bias", "vit.predictions.kernel"]
     assert report["resampled"] == []
     after, theirs = arrays(model), arrays(hub)
@@ -182,6 +184,8 @@ def test_train_py_fine_tunes_a_standard_vit_from_a_preset(tmp_path, capsys):
                      str(tmp_path / "tuned")]) == 0
     printed = capsys.readouterr().out
     assert "0 resampled, new: vit.predictions.bias, vit.predictions.kernel" in printed
+    assert f"Note: {preset} has no image converter (image_converter.json), so the pixels go " \
+           f"in unscaled (0-255)" in printed  # write_preset wrote none.
     model, config = vit_flax.load(tmp_path / "tuned")
     assert type(model).__name__ == "StandardViT" and config == STANDARD.replace(epochs=1)
     results = json.loads((tmp_path / "tuned" / "results.json").read_text())

@@ -113,6 +113,13 @@ def initialize_from(model: Model, source: Model | ViTHub) -> dict[str, list[str]
     return report
 
 
+def lacks_converter(source: Model | ViTHub) -> bool:
+    """A preset saved without its image converter: the model it defines takes the pixels
+    as they come (0-255), and so does a model started from it (identity Normalization)."""
+    return isinstance(source, ViTHub) and source.config.scale is None \
+        and source.config.offset is None
+
+
 def load_source(path: str | os.PathLike) -> Model | ViTHub:
     """The model to start from: a vit_flax workdir's best model (a train.py run), or a
     Keras Hub ViT preset directory's ViT (its own head, which is not taken)."""

@@ -168,9 +168,14 @@ def _initial_model(config: ViTConfig, splits: data_lib.Splits, init_from, log) -
     # As the seed: Normalization is adapted on all training images, the validation part too.
     model = create_model(config, splits.train.images)
     if init_from is not None:
-        report = finetune.initialize_from(model, finetune.load_source(init_from))
+        source = finetune.load_source(init_from)
+        report = finetune.initialize_from(model, source)
         log(f"Starting from {init_from}: {len(report['taken'])} arrays taken, "
             f"{len(report['resampled'])} resampled, new: {', '.join(report['kept'])}")
+        if finetune.lacks_converter(source):  # Silent otherwise, and a likely mistake.
+            log(f"Note: {init_from} has no image converter (image_converter.json), so the "
+                f"pixels go in unscaled (0-255), as its model computes; if its weights were "
+                f"trained on scaled pixels, save the preset with its image converter")
     return model
 
 
