@@ -4,6 +4,7 @@
     python benchmarks/group_benchmark.py                      # 4 and 8 seeds, 2 epochs
     python benchmarks/group_benchmark.py --runs 4 8 --images 384 --epochs 2
     python benchmarks/group_benchmark.py --agreement          # group vs solo, 1 and 2 devices
+    python benchmarks/group_benchmark.py --steps --runs 4     # the train step alone
 
 A small config in the spirit of the README's small-model recipe (32x32 inputs, 4x4 patches,
 4 blocks of width 64, head 512->256; batch 128) on random uint8 images. Each measurement
@@ -16,6 +17,11 @@ runs in its own process, so none profits from another's compiled programs or imp
           tests/test_group.py: each run of the group against its solo run, on 1 and on 2
           (simulated CPU) devices: the largest difference of each metric, and the
           seed-to-seed difference of the solo runs beside it
+  steps   (--steps) the train step alone, seconds per step after a warm-up one, on 2,048
+          images: the solo step (trainer.prepare_fit's), the group's step of N runs on one
+          device (group.prepare_group's), and, as an experiment, the same vmapped step with
+          the runs axis split over 2 (simulated CPU) devices instead of the batch, each run
+          whole on one device: a layout vit_flax.group does not use (yet)
 Every time is that of the library calls (model creation, compile, training, validation,
 checkpoints, test evaluation, files), not of the process start: wall time, and CPU time
 (all threads of the process), which other work on a shared machine inflates far less;
@@ -131,6 +137,59 @@ def agreement() -> dict:
                                      strict=True))}
 
 
+def step_seconds(layout: str, runs: int, timed: int = 12) -> dict:
+    """Seconds per train step of `layout` (see the module docstring), after one warm-up."""
+    import jax
+    import numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from vit_flax import data, group, parallel, steps, trainer
+    from vit_flax.models import create_model
+
+    train_set = problem(2048).train
+    mesh = parallel.data_mesh(jax.devices()[:1])
+    if layout == "solo":
+        config = configs(1, 2)[0]
+        fit, state = trainer.prepare_fit(config, create_model(config, train_set.images),
+                                         train_set, data.Dataset(train_set.images[:0],
+                                                                 train_set.labels[:0]), mesh)
+        batches = list(fit.train_feed.batches(np.arange(2048), config.batch_size))
+        step = lambda state, totals, i: fit.train_step(  # noqa: E731
+            state, fit.statistics, totals, *batches[i % len(batches)])
+        totals = steps.Totals.zero()
+    else:
+        members = [group.Member(group.run_name(c), c, Path("unused")) for c in configs(runs, 2)]
+        empty = data.Dataset(train_set.images[:0], train_set.labels[:0])
+        fit, state = group.prepare_group(members, train_set, empty, train_set.images, mesh)
+        rows = parallel.put_global(
+            [np.tile(np.arange(128 * i, 128 * (i + 1), dtype=np.int32), (runs, 1))
+             for i in range(16)], parallel.batch_sharded(mesh, 1))
+        arrays, statistics, totals, run = (fit.train_feed.arrays, fit.statistics,
+                                           group.zero_totals(runs), fit.train_step)
+        if layout == "sharded":
+            mesh = parallel.data_mesh()
+            by_run = NamedSharding(mesh, PartitionSpec(parallel.DATA_AXIS))
+            state, totals, rows = jax.device_put((state, totals, rows), by_run)
+            arrays, statistics = parallel.put_replicated((arrays, statistics), mesh)
+            solo = steps.train_step_function(fit.graphdef, group.group_optimizer(
+                members[0].config, 16), None, members[0].config.microbatch_size)
+            run = jax.jit(jax.vmap(solo, in_axes=(0, None, 0, None, None, 0)),
+                          donate_argnums=0, out_shardings=(by_run, by_run),
+                          compiler_options=steps.compiler_options(mesh))
+        step = lambda state, totals, i: run(  # noqa: E731
+            state, statistics, totals, *arrays, rows[i % len(rows)])
+    state, totals = step(state, totals, 0)
+    jax.block_until_ready(totals)
+    started = time.perf_counter()
+    for i in range(1, timed + 1):
+        state, totals = step(state, totals, i)
+    jax.block_until_ready(totals)
+    seconds = (time.perf_counter() - started) / timed
+    return {"layout": layout, "runs": 1 if layout == "solo" else runs,
+            "devices": jax.device_count(), "seconds_per_step": seconds,
+            "loss_sums": np.asarray(totals.sums["loss"]).ravel()[:2].tolist()}
+
+
 def analysis(compiled) -> dict[str, int]:
     memory = compiled.memory_analysis()
     return {name: int(getattr(memory, f"{name}_size_in_bytes"))
@@ -171,6 +230,18 @@ def report(args) -> None:
               f" {size['alias'] / 2**20:>8.1f}")
 
 
+def report_steps(args) -> None:
+    solo = in_subprocess("step-solo", args)
+    rows = [solo, in_subprocess("step-group", args), in_subprocess("step-sharded", args, 2)]
+    print(f"{'layout':>8} {'runs':>4} {'devices':>7} {'s/step':>7} {'s/run-step':>10} "
+          f"{'vs solo':>7}  loss sums of the first runs")
+    for row in rows:
+        per_run = row["seconds_per_step"] / row["runs"]
+        print(f"{row['layout']:>8} {row['runs']:>4} {row['devices']:>7} "
+              f"{row['seconds_per_step']:>7.3f} {per_run:>10.3f} "
+              f"{per_run / solo['seconds_per_step']:>7.2f}  {row['loss_sums']}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, nargs="+", default=[4, 8])
@@ -178,17 +249,23 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--agreement", action="store_true",
                         help="only the group-vs-solo agreement, on 1 and 2 devices")
+    parser.add_argument("--steps", action="store_true",
+                        help="only the train step's time: solo, group, runs over 2 devices")
     parser.add_argument("--part", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.agreement:
         for devices in (1, 2):
             print(json.dumps(in_subprocess("agreement", args, devices)))
+    elif args.steps:
+        report_steps(args)
     elif args.part is None:
         report(args)
     elif args.part == "agreement":
         print(json.dumps(agreement()))
     elif args.part == "solo":
         print(json.dumps(solo(max(args.runs), args.images, args.epochs)))
+    elif args.part.startswith("step-"):
+        print(json.dumps(step_seconds(args.part[len("step-"):], max(args.runs))))
     elif args.part == "memory":
         print(json.dumps(memory([1, 2, 4, 8], args.images)))
     else:
