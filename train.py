@@ -43,7 +43,7 @@ float_list = comma_list(float, "a number or a comma-separated list like 1e-3,3e-
 
 
 # Fields that take a comma list: the runs are every combination of their values (and of
-# --seeds), trained together as one group (vit_flax.group).
+# --seeds), trained together as one group (vit_flax.training.group).
 GRID_FIELDS = {"learning_rate": "learning_rates", "weight_decay": "weight_decays"}
 
 

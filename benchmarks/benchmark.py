@@ -89,10 +89,10 @@ def run_vit_flax(batch_size: int, steps: int, one_pass: bool, dtype: str = "floa
     from flax import nnx
 
     import vit_flax
-    from vit_flax import runtime
-    from vit_flax import steps as steps_lib
+    from vit_flax.infra import runtime
     from vit_flax.models import create_model
-    from vit_flax.optim import keras_adamw
+    from vit_flax.training import steps as steps_lib
+    from vit_flax.training.optim import keras_adamw
 
     if cache:
         runtime.use_compilation_cache(cache)

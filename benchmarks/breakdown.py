@@ -35,10 +35,10 @@ def vit_flax_parts(batch_size: int) -> dict[str, float]:
     from flax import nnx
 
     import vit_flax
-    from vit_flax import augment, runtime
-    from vit_flax import steps as steps_lib
-    from vit_flax.models import create_model
-    from vit_flax.optim import keras_adamw
+    from vit_flax.infra import runtime
+    from vit_flax.models import augment, create_model
+    from vit_flax.training import steps as steps_lib
+    from vit_flax.training.optim import keras_adamw
 
     images, labels = random_batch(batch_size)
     config = vit_flax.ViTConfig(batch_size=batch_size)

@@ -1,4 +1,4 @@
-"""Many runs in one program (vit_flax.group) against the same runs one after another
+"""Many runs in one program (vit_flax.training.group) against the same runs one after another
 (vit_flax.train): wall time, compile included, and the step's memory per number of runs.
 
     python benchmarks/group_benchmark.py                      # 4 and 8 seeds, 2 epochs
@@ -10,7 +10,7 @@ A small config in the spirit of the README's small-model recipe (32x32 inputs, 4
 4 blocks of width 64, head 512->256; batch 128) on random uint8 images. Each measurement
 runs in its own process, so none profits from another's compiled programs or imports:
   solo    seeds 0..N-1 one after another with vit_flax.train; the time after 4 and after 8
-  group   the same seeds with vit_flax.group.train_group, for each N
+  group   the same seeds with vit_flax.training.group.train_group, for each N
   memory  the compiled group step's memory_analysis() for 1, 2, 4, 8 runs, and the solo
           step's (steps.make_train_step) beside it
   agreement  (--agreement) tests/conftest.py's TINY config, 2 seeds, 2 epochs, the data of
@@ -21,7 +21,7 @@ runs in its own process, so none profits from another's compiled programs or imp
           images: the solo step (trainer.prepare_fit's), the group's step of N runs on one
           device (group.prepare_group's), and, as an experiment, the same vmapped step with
           the runs axis split over 2 (simulated CPU) devices instead of the batch, each run
-          whole on one device: a layout vit_flax.group does not use (yet)
+          whole on one device: a layout vit_flax.training.group does not use (yet)
 Every time is that of the library calls (model creation, compile, training, validation,
 checkpoints, test evaluation, files), not of the process start: wall time, and CPU time
 (all threads of the process), which other work on a shared machine inflates far less;
@@ -47,7 +47,7 @@ SMALL = dict(num_classes=10, input_size=32, image_size=32, patch_size=4, project
 def problem(images: int):
     import numpy as np
 
-    from vit_flax import data
+    from vit_flax.data import sources as data
 
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 10, images + 128)
@@ -74,7 +74,7 @@ def solo(runs: int, images: int, epochs: int) -> dict:
 
 
 def group(runs: int, images: int, epochs: int) -> dict:
-    from vit_flax.group import train_group
+    from vit_flax.training.group import train_group
 
     splits = problem(images)
     started, cpu = time.perf_counter(), time.process_time()
@@ -89,8 +89,10 @@ def memory(runs_list: list[int], images: int) -> dict:
     import jax
     import numpy as np
 
-    from vit_flax import data, feeds, group, optim, parallel, steps
+    from vit_flax.data import sources as data
+    from vit_flax.infra import parallel
     from vit_flax.models import create_model
+    from vit_flax.training import feeds, group, optim, steps
 
     splits, mesh = problem(images), parallel.data_mesh()
     train_set, validation_set = data.validation_split(splits.train, 0.1)
@@ -117,7 +119,7 @@ def agreement() -> dict:
     import numpy as np
 
     import vit_flax
-    from vit_flax import group
+    from vit_flax.training import group
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from test_group import METRICS, NAMES, RUNS, history, small_problem
@@ -143,8 +145,11 @@ def step_seconds(layout: str, runs: int, timed: int = 12) -> dict:
     import numpy as np
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from vit_flax import data, group, parallel, steps, trainer
+    from vit_flax.data import sources as data
+    from vit_flax.infra import parallel
     from vit_flax.models import create_model
+    from vit_flax.training import group, steps
+    from vit_flax.training import loop as trainer
 
     train_set = problem(2048).train
     mesh = parallel.data_mesh(jax.devices()[:1])

@@ -39,8 +39,11 @@ from PIL import Image  # noqa: E402
 
 import parity  # noqa: E402
 from parity import keras_reference  # noqa: E402
-from vit_flax import ViT, ViTConfig, feeds, parallel, steps, trainer  # noqa: E402
-from vit_flax import data as data_lib  # noqa: E402
+from vit_flax import ViT, ViTConfig  # noqa: E402
+from vit_flax.data import sources as data_lib  # noqa: E402
+from vit_flax.infra import parallel
+from vit_flax.training import feeds, steps
+from vit_flax.training import loop as trainer
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared/data/cifar10-jpeg-train.tar.gz"
 SHUFFLE_SEED = 1337  # One fixed order, so the last-10% validation split holds every class.

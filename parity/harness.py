@@ -20,7 +20,8 @@ from flax import nnx
 from keras import ops
 
 from parity.convert import flat_keras_layers
-from vit_flax import ViT, ViTConfig, augment
+from vit_flax import ViT, ViTConfig
+from vit_flax.models import augment
 
 # Every layer kind of the seed's model, small enough for eager Keras training on two cores:
 # 2 blocks instead of 8, a (64, 32) head MLP instead of (2048, 1024), 10 classes.

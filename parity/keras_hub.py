@@ -2,7 +2,7 @@
 
 The configuration is read off the Keras model (its get_config(), the same dicts a preset's
 config.json and task.json hold); each weight is found by its Keras variable path through
-`vit_flax.pretrained.weight_table`, the table the preset loader reads .h5 files with. Those
+`vit_flax.weights.keras_hub.weight_table`, the table the preset loader reads .h5 files with. Those
 paths are made of the layer names keras_hub hard-codes ("vit_encoder/transformer_block_1/
 ln_1/gamma", "predictions/kernel"), never of auto-generated ones, so they do not depend on
 what the process built before. Every Keras weight must find its vit_flax array and the
@@ -16,8 +16,8 @@ import keras_hub
 import numpy as np
 
 from parity.convert import WeightMismatchError
-from vit_flax import pretrained
-from vit_flax.vit import ViTHub, ViTHubConfig, abstract_model
+from vit_flax.models.hub_vit import ViTHub, ViTHubConfig, abstract_model
+from vit_flax.weights import keras_hub as pretrained
 
 
 def _parts(model):

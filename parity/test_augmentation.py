@@ -21,7 +21,8 @@ import pytest
 from scipy import stats
 
 from parity import harness
-from vit_flax import ViTConfig, augment
+from vit_flax import ViTConfig
+from vit_flax.models import augment
 
 CONFIG = ViTConfig()
 TOLERANCE = 2e-5

@@ -22,7 +22,7 @@ import pytest
 keras_hub = pytest.importorskip("keras_hub")
 
 from parity.keras_hub import keras_hub_to_flax  # noqa: E402
-from vit_flax import research  # noqa: E402
+from vit_flax.inference import analysis as research  # noqa: E402
 
 # Float32 sums of up to 3,072 products per output, in another order than Keras': measured
 # worst 4.3e-6 per block and 2.5e-6 on ViT-B/16's logits (the table printed at the end);
@@ -155,8 +155,8 @@ import sys
 sys.modules.update(keras=None, keras_hub=None, tensorflow=None)  # Importing them fails.
 import json
 import numpy as np
-from vit_flax import research
-from vit_flax.pretrained import load_pretrained
+from vit_flax.inference import analysis as research
+from vit_flax.weights.keras_hub import load_pretrained
 
 expected = np.load(sys.argv[2])
 model, config = load_pretrained(sys.argv[1])

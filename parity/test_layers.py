@@ -29,7 +29,7 @@ from flax import nnx
 from parity.convert import classify_keras_layers
 from parity.harness import random_images
 from vit_flax import ViT, ViTConfig
-from vit_flax.model import patches
+from vit_flax.models.seed_vit import patches
 
 BLOCKS = 8
 # The seed's `layers.LayerNormalization(epsilon=1e-6)` (create_vit_classifier, three times).

@@ -23,8 +23,9 @@ import parity
 from parity import harness, keras_reference
 from parity.convert import flax_structure, keras_structure, match
 from parity.harness import NO_DROPOUT, SMALL
-from vit_flax import ViTConfig, steps
-from vit_flax.optim import keras_adamw
+from vit_flax import ViTConfig
+from vit_flax.training import steps
+from vit_flax.training.optim import keras_adamw
 
 
 def run_flax_steps(flax_model, tx, images, labels, count: int):
@@ -96,7 +97,7 @@ def test_loss_and_every_gradient_match(monkeypatch, record):
     (1e-2, 0.5),  # Exaggerated decay, so decoupled weight decay is visible in the result.
 ])
 def test_five_adamw_steps_on_the_same_gradients(learning_rate, weight_decay, record):
-    """keras.optimizers.AdamW vs vit_flax.optim.keras_adamw (jitted, as in the train step).
+    """keras.optimizers.AdamW vs vit_flax.training.optim.keras_adamw (jitted, as in the train step).
 
     Gradients span the scales where Adam's epsilon (1e-7, not bias-corrected in Keras) does
     or does not matter: 1, 1e-3, 1e-5 (where optax.adamw's epsilon placement alone is off
@@ -187,7 +188,8 @@ def test_compare_trainings_vit_flax_side_is_vit_flax_train(tmp_path):
     """compare_training.train_flax (vit_flax's epochs without a workdir) gives the history
     vit_flax.train writes, bit for bit: the comparison measures the trainer users run."""
     from parity import compare_training
-    from vit_flax import create_model, data, train
+    from vit_flax import create_model, train
+    from vit_flax.data import sources as data
 
     config = ViTConfig(num_classes=3, input_size=8, image_size=12, patch_size=4,
                        projection_dim=8, num_heads=2, transformer_layers=1,

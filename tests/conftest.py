@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from vit_flax import ViTConfig
-from vit_flax.pretrained import BACKBONE_FIELDS, variable_at, weight_table
-from vit_flax.vit import ViTHub
+from vit_flax.models.hub_vit import ViTHub
+from vit_flax.weights.keras_hub import BACKBONE_FIELDS, variable_at, weight_table
 
 # 8x8 inputs resized to 12x12, 3x3 = 9 patches of 4x4, one block of width 8.
 TINY = dict(num_classes=3, input_size=8, image_size=12, patch_size=4, projection_dim=8,

@@ -21,7 +21,7 @@ import pytest
 from conftest import TINY, TINY_FLAGS, random_images, write_image_folder
 
 import vit_flax
-import vit_flax.data
+import vit_flax.data.sources
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -69,7 +69,7 @@ def test_train_py_end_to_end(image_folder, tmp_path):
     results = json.loads((workdir / "results.json").read_text())
     # The test metrics are the best model's on the held-out images, recomputed here.
     model, config = vit_flax.load(workdir)
-    test = vit_flax.data.load_folder(image_folder, 8).test
+    test = vit_flax.data.sources.load_folder(image_folder, 8).test
     logits = vit_flax.predict(model, test.images)
     assert results["test_accuracy"] == pytest.approx(
         np.mean(logits.argmax(-1) == test.labels), abs=1e-7)
@@ -234,7 +234,7 @@ def test_help_gives_each_flag_its_meaning_default_and_choices():
 
 
 def test_library_errors_name_arguments_and_the_cli_names_flags(tmp_path, capsys):
-    splits = vit_flax.data.from_arrays(random_images(10, 8), np.arange(10) % 3)
+    splits = vit_flax.data.sources.from_arrays(random_images(10, 8), np.arange(10) % 3)
     config = vit_flax.ViTConfig(**TINY, epochs=1)
     with pytest.raises(vit_flax.ConfigError, match=r"^log_every must be >= 0, got -1$"):
         vit_flax.train(config, splits, tmp_path / "run", log_every=-1)

@@ -15,9 +15,11 @@ from conftest import TINY, random_images
 from flax import nnx
 
 import vit_flax
-from vit_flax import data, feeds, model, steps
+from vit_flax.data import sources as data
 from vit_flax.models import create_model
-from vit_flax.optim import keras_adamw
+from vit_flax.models import seed_vit as model
+from vit_flax.training import feeds, steps
+from vit_flax.training.optim import keras_adamw
 
 # The seed's LayerNormalization epsilon: `layers.LayerNormalization(epsilon=1e-6)`, three
 # times in the keras-io example's create_vit_classifier (not vit_flax's config, whose default

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = sorted((ROOT / "vit_flax").glob("*.py")) + [ROOT / "train.py"]
+SOURCES = sorted((ROOT / "vit_flax").rglob("*.py")) + [ROOT / "train.py"]
 LONGEST_FUNCTION = 60  # lines, decorators and docstring included
 LARGEST_MODULE = 0.25  # of vit_flax/'s lines
 
@@ -35,16 +35,27 @@ def test_no_function_is_longer_than_60_lines():
 
 
 def test_no_module_holds_a_quarter_of_the_library():
-    lines = {path.name: len(path.read_text().splitlines())
-             for path in (ROOT / "vit_flax").glob("*.py")}
+    lines = {str(path.relative_to(ROOT)): len(path.read_text().splitlines())
+             for path in (ROOT / "vit_flax").rglob("*.py")}
     total = sum(lines.values())
     largest = max(lines, key=lines.get)
     assert lines[largest] <= LARGEST_MODULE * total, (largest, lines[largest], total)
 
 
-def test_the_readme_layout_lists_every_module():
-    listed = set(re.findall(r"^(vit_flax/\w+\.py)", (ROOT / "README.md").read_text(), re.M))
-    modules = {f"vit_flax/{path.name}" for path in (ROOT / "vit_flax").glob("*.py")
-               if path.name != "__init__.py"}
-    assert listed == modules, {"not in the README": modules - listed,
-                               "not in vit_flax/": listed - modules}
+def test_the_architecture_page_lists_every_module():
+    page = ROOT / "docs" / "architecture.md"
+    listed = set(re.findall(r"^((?:vit_flax|parity)/[\w/]+\.py)", page.read_text(), re.M))
+    modules = {str(path.relative_to(ROOT)) for folder in ("vit_flax", "parity")
+               for path in (ROOT / folder).rglob("*.py")
+               if path.name not in ("__init__.py", "conftest.py")
+               and not path.name.startswith("test_")}
+    assert listed == modules, {"not in docs/architecture.md": modules - listed,
+                               "not in the code": listed - modules}
+
+
+def test_every_package_folder_has_tests_that_mirror_it():
+    packages = {path.name for path in (ROOT / "vit_flax").iterdir()
+                if (path / "__init__.py").is_file()}
+    mirrored = {path.name for path in (ROOT / "tests").iterdir()
+                if path.is_dir() and any(path.glob("test_*.py"))}
+    assert packages <= mirrored, packages - mirrored

@@ -1,0 +1,183 @@
+"""Several processes on one host: train.py as 2 processes x 2 CPU devices trains as 1
+process x 4 devices does, only process 0 writes files, and a peer's death ends the others
+with one line instead of a hang."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import TINY_FLAGS, write_image_folder
+from test_parallel import assert_same_weights
+
+import vit_flax
+from vit_flax.infra import runtime
+
+REPO = Path(__file__).resolve().parents[2]
+# Runs train.py (argv[2:]) and prints, last, the files it wrote under the workdir (argv[1])
+# from Python (opened for writing, or renamed into place): JSON, figures, TensorBoard
+# events, orbax's metadata; orbax's array data is written by TensorStore, not seen here.
+WRITES_LOGGED = """
+import json, os, runpy, sys
+workdir = os.path.realpath(sys.argv[1])
+sys.argv = sys.argv[2:]
+written = set()
+def record(path):
+    path = os.path.realpath(os.fsdecode(path))
+    if path.startswith(workdir + os.sep):
+        written.add(os.path.relpath(path, workdir))
+def hook(event, args):
+    if event == "os.rename":
+        record(args[1])
+    elif event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+        mode, flags = args[1] or "", args[2] or 0
+        if set(mode) & set("wax+") or flags & (os.O_WRONLY | os.O_RDWR):
+            record(args[0])
+sys.addaudithook(hook)
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+finally:
+    print("WRITTEN " + json.dumps(sorted(written)), flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory) -> dict:
+    """One image folder and one compilation cache for the module's runs (the kill test's
+    programs are the parity test's, loaded instead of compiled again)."""
+    root = tmp_path_factory.mktemp("multiprocess")
+    return {"images": write_image_folder(root / "images", train_per_class=20,
+                                         test_per_class=4),
+            "cache": root / "cache"}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        return probe.getsockname()[1]
+
+
+def start(shared: dict, workdir: Path, devices: int, *extra: str, distributed=None):
+    """train.py on the tiny model as one process with `devices` CPU devices;
+    distributed=(port, process_id) makes it one of two."""
+    flags = [*TINY_FLAGS, "--dataset", "folder", "--data-dir", str(shared["images"]),
+             "--workdir", str(workdir), *extra]
+    if distributed is not None:
+        port, process_id = distributed
+        flags += ["--coordinator-address", f"localhost:{port}", "--num-processes", "2",
+                  "--process-id", str(process_id)]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", VIT_FLAX_CACHE=str(shared["cache"]),
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    return subprocess.Popen([sys.executable, "-c", WRITES_LOGGED, str(workdir),
+                             str(REPO / "train.py"), *flags], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(process: subprocess.Popen, timeout: float = 900) -> tuple[str, str]:
+    stdout, stderr = process.communicate(timeout=timeout)
+    assert process.returncode == 0, stderr[-3000:]
+    return stdout, stderr
+
+
+def run_files(stdout: str) -> list[str]:
+    """What the process wrote besides its part of the orbax checkpoints (which every
+    process writes)."""
+    written = json.loads(stdout.strip().splitlines()[-1].removeprefix("WRITTEN "))
+    return [name for name in written
+            if not name.startswith(("run_state", "best_checkpoint"))]
+
+
+def test_two_processes_train_as_one_process_with_their_devices(shared, tmp_path):
+    port = free_port()
+    pair = [start(shared, tmp_path / "pair", 2, "--epochs", "2", distributed=(port, i))
+            for i in (0, 1)]
+    single = start(shared, tmp_path / "single", 4, "--epochs", "2")
+    (out0, _), (out1, _), (single_out, _) = (finish(p) for p in (*pair, single))
+    assert "Epoch 2/2" in out0 and "Epoch" not in out1 and "Epoch 2/2" in single_out
+    # Process 0 writes the run's files, process 1 none of them.
+    assert {".vit_flax-run.json", "config.json", "history.json", "results.json", "loss.png",
+            "patches.png"} <= set(run_files(out0))
+    assert run_files(out1) == []
+    pair_history, single_history = (
+        json.loads((tmp_path / name / "history.json").read_text()) for name in ("pair", "single"))
+    # The same program over the same 4 devices; only the all-reduce across the two processes
+    # (gloo) adds in another order: measured 1.2e-7 relative (one float32 ulp) at most.
+    for a, b in zip(pair_history, single_history, strict=True):
+        for key in ("loss", "val_loss", "accuracy", "val_accuracy"):
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), key
+    results = [json.loads((tmp_path / name / "results.json").read_text())
+               for name in ("pair", "single")]
+    assert [r["devices"] for r in results] == [4, 4]
+    assert results[0]["test_loss"] == pytest.approx(results[1]["test_loss"], rel=1e-6)
+    assert_same_weights(*(vit_flax.load(tmp_path / name)[0] for name in ("pair", "single")))
+
+
+def test_a_dead_peer_ends_the_other_process_with_one_line(shared, tmp_path):
+    port = free_port()
+    pair = [start(shared, tmp_path / "run", 2, "--epochs", "1000", distributed=(port, i))
+            for i in (0, 1)]
+    first = pair[0].stdout.readline()
+    while first and not first.startswith("Epoch 1/"):
+        first = pair[0].stdout.readline()
+    if not first:  # Both sides: which of them stopped first, and why.
+        pair[1].kill()
+        raise AssertionError(f"process 0: {pair[0].stderr.read()[-3000:]}\n"
+                             f"process 1: {pair[1].communicate()[1][-3000:]}")
+    pair[1].send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    _, stderr = pair[0].communicate(timeout=runtime.HEARTBEAT_TIMEOUT_SECONDS + 60)
+    pair[1].wait()
+    assert pair[0].returncode == 1
+    assert time.monotonic() - killed < runtime.HEARTBEAT_TIMEOUT_SECONDS + 30
+    assert stderr.strip().splitlines()[-1] == (
+        f"error: process 1 of this 2-process run stopped (no heartbeat for "
+        f"{runtime.HEARTBEAT_TIMEOUT_SECONDS} s), so this one stops too; start every process "
+        f"again to resume")
+    assert "Traceback" not in stderr and "Check failure" not in stderr
+
+
+# Trains the tiny model for one epoch through vit_flax.run (as train.py does), with the
+# default compilation cache ($VIT_FLAX_CACHE), and prints JAX's cache events of the run.
+CACHED_RUN = """
+import collections, json, sys
+import jax.monitoring
+import vit_flax
+events = collections.Counter()
+jax.monitoring.register_event_listener(lambda event, **_: events.update([event]))
+config = vit_flax.ViTConfig(**json.loads(sys.argv[1]))
+results = vit_flax.run(config, dataset="folder", data_dir=sys.argv[2], workdir=sys.argv[3])
+print(json.dumps({"hits": events["/jax/compilation_cache/cache_hits"],
+                  "misses": events["/jax/compilation_cache/cache_misses"],
+                  "compile_seconds": results["compile_seconds"]}))
+"""
+
+
+def test_a_second_process_loads_its_programs_from_the_compilation_cache(shared, tmp_path):
+    from conftest import TINY
+
+    cache = tmp_path / "cache"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", VIT_FLAX_CACHE=str(cache))
+    reports, entries = [], []
+    for run in ("first", "second"):
+        completed = subprocess.run(
+            [sys.executable, "-c", CACHED_RUN, json.dumps(dict(TINY, epochs=1)),
+             str(shared["images"]), str(tmp_path / run)],
+            env=env, capture_output=True, text=True, timeout=600)
+        assert completed.returncode == 0, completed.stderr[-3000:]
+        reports.append(json.loads(completed.stdout.strip().splitlines()[-1]))
+        entries.append(sorted(path.name for path in cache.iterdir()))
+    first, second = reports
+    assert any(name.startswith("jit_train_step-") for name in entries[0])
+    assert any(name.startswith("jit_eval_step-") for name in entries[0])
+    # Every program the first run compiled is cached (whatever it took to compile); the
+    # second compiles none of them again and adds nothing.
+    assert first["hits"] == 0 and first["misses"] == len(entries[0])
+    assert second["misses"] == 0 and second["hits"] == first["misses"]
+    assert entries[1] == entries[0]

@@ -1,0 +1,164 @@
+"""The workdir rules: nothing of the user's is ever deleted or overwritten, one trainer at a
+time, a run is recognised by its marker (not by a config.json anyone could write)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import TINY, TINY_FLAGS, random_images, write_image_folder
+
+import vit_flax
+from vit_flax.data import sources as data
+from vit_flax.infra import workdir as layout
+
+REPO = Path(__file__).resolve().parents[2]
+QUIET = lambda _: None  # noqa: E731
+
+
+@pytest.fixture(scope="module")
+def splits():
+    labels = np.arange(40) % 3
+    return data.from_arrays(random_images(40, 8), labels, random_images(6, 8, 1), labels[:6])
+
+
+@pytest.fixture
+def config():
+    return vit_flax.ViTConfig(**TINY, epochs=1)
+
+
+def user_files(root: Path) -> dict[str, bytes]:
+    """A user's own files: a note, source code in a subfolder, a README."""
+    files = {"notes.txt": b"my notes\n", "src/app.py": b"print('mine')\n",
+             "README": b"read me\n", "deep/er/data.bin": bytes(range(256))}
+    for name, content in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(content)
+    return files
+
+
+def assert_intact(root: Path, files: dict[str, bytes]) -> None:
+    for name, content in files.items():
+        assert (root / name).read_bytes() == content, name
+
+
+def test_overwrite_deletes_only_what_vit_flax_wrote(tmp_path, splits, config):
+    vit_flax.train(config, splits, tmp_path, log=QUIET)
+    mine = user_files(tmp_path)  # Added beside the run afterwards.
+    other = config.replace(learning_rate=0.01)
+    with pytest.raises(vit_flax.ConfigError, match="differs in learning_rate.*overwrite=True"):
+        vit_flax.train(other, splits, tmp_path, log=QUIET)
+    vit_flax.train(other, splits, tmp_path, log=QUIET, overwrite=True)
+    assert_intact(tmp_path, mine)
+    assert json.loads((tmp_path / "config.json").read_text())["learning_rate"] == 0.01
+    expected = {"best_checkpoint", "run_state", "tensorboard", "config.json", "history.json",
+                "results.json", "loss.png", "top-5-accuracy.png", "patches.png", "attention.png",
+                layout.MARKER, layout.LOCK, "notes.txt", "src", "README", "deep"}
+    assert {p.name for p in tmp_path.iterdir()} == expected
+
+
+def test_a_directory_that_is_not_a_run_is_refused_and_never_deleted(tmp_path, splits, config):
+    mine = user_files(tmp_path)
+    for overwrite in (False, True):
+        with pytest.raises(vit_flax.ConfigError, match="not empty and is not a vit_flax run"):
+            vit_flax.train(config, splits, tmp_path, log=QUIET, overwrite=overwrite)
+    assert_intact(tmp_path, mine)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README", "deep", "notes.txt", "src"]
+    # Said explicitly: the run goes beside the user's files, which stay as they were.
+    vit_flax.train(config, splits, tmp_path, log=QUIET, allow_non_empty=True)
+    assert_intact(tmp_path, mine)
+    assert layout.is_run(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["history.json", "results.json", "config.json"])
+def test_a_users_file_of_a_run_name_is_never_overwritten(tmp_path, splits, config, name):
+    (tmp_path / name).write_text("the user's own\n")
+    with pytest.raises(vit_flax.ConfigError, match=f"holds {name}, which a run would overwrite"):
+        vit_flax.train(config, splits, tmp_path, log=QUIET, allow_non_empty=True,
+                       overwrite=True)
+    assert (tmp_path / name).read_text() == "the user's own\n"
+
+
+def test_an_empty_path_is_an_error(splits, config):
+    with pytest.raises(vit_flax.ConfigError, match="workdir is empty"):
+        vit_flax.train(config, splits, "", log=QUIET)
+
+
+def test_the_marker_not_config_json_says_which_run_it_is(tmp_path, splits, config):
+    vit_flax.train(config, splits, tmp_path, log=QUIET)
+    (tmp_path / "config.json").unlink()  # Lost or deleted: the run is still recognised.
+    with pytest.raises(vit_flax.ConfigError, match="differs in learning_rate"):
+        vit_flax.train(config.replace(learning_rate=0.01), splits, tmp_path, log=QUIET)
+    (tmp_path / layout.MARKER).write_text("{not json")
+    with pytest.raises(vit_flax.ConfigError, match="run marker .* is unreadable"):
+        vit_flax.train(config, splits, tmp_path, log=QUIET)
+
+
+def test_fewer_epochs_than_trained_is_refused(tmp_path, splits, config):
+    vit_flax.train(config.replace(epochs=2), splits, tmp_path, log=QUIET)
+    before = {name: (tmp_path / name).read_bytes() for name in ("config.json", "results.json")}
+    with pytest.raises(vit_flax.ConfigError, match="holds 2 trained epochs, more than epochs=1"):
+        vit_flax.train(config, splits, tmp_path, log=QUIET)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert (results["epochs"], results["config"]["epochs"]) == (2, 2)
+    # The refused run rewrote nothing: config.json still says epochs=2.
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+
+
+def test_a_second_trainer_is_refused_naming_the_holder(tmp_path, splits, config):
+    images = write_image_folder(tmp_path / "images", train_per_class=4)
+    run = tmp_path / "run"
+    run.mkdir()
+    with layout.Lock(run):
+        with pytest.raises(vit_flax.ConfigError, match=f"in use by .*pid {os.getpid()}"):
+            vit_flax.train(config, splits, run, log=QUIET)
+        # Another process gets the same answer, as one line with exit status 2.
+        second = subprocess.run(
+            [sys.executable, str(REPO / "train.py"), *TINY_FLAGS, "--dataset", "folder",
+             "--data-dir", str(images), "--workdir", str(run), "--compilation-cache", "none"],
+            capture_output=True, text=True, timeout=300,
+            env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert second.returncode == 2, second.stderr
+    assert second.stderr.strip().splitlines() == [
+        f"error: --workdir {run} is in use by another training process (pid {os.getpid()}); "
+        f"wait for it or use another workdir"]
+    vit_flax.train(config, splits, run, log=QUIET)  # Released: it trains.
+
+
+def test_a_trainer_half_way_through_its_claim_is_in_use_not_a_stranger(tmp_path, splits,
+                                                                        config):
+    # The holder has taken the lock and is writing its marker (only the .tmp is there):
+    # a second trainer must say "in use", not "not empty and not a vit_flax run".
+    run = tmp_path / "run"
+    run.mkdir()
+    with layout.Lock(run):
+        (run / (layout.MARKER + ".tmp")).write_text("{")
+        with pytest.raises(vit_flax.ConfigError, match=f"in use by .*pid {os.getpid()}"):
+            vit_flax.train(config, splits, run, log=QUIET)
+    assert sorted(p.name for p in run.iterdir()) == sorted([layout.LOCK, layout.MARKER + ".tmp"])
+
+
+def test_the_lock_is_released_when_its_process_dies(tmp_path):
+    code = ("import sys, os; from pathlib import Path; from vit_flax import workdir; "
+            "workdir.Lock(Path(sys.argv[1])).__enter__(); os._exit(0)")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, timeout=120)
+    with layout.Lock(tmp_path):  # Not held by a dead process: the kernel released it.
+        pass
+
+
+def test_processes_of_one_run_probe_the_workdir_at_once(tmp_path):
+    # Every process of a multi-process run checks the shared workdir is writable; a fixed
+    # probe name was deleted by one under another ("not writable", and a dead peer).
+    def probe_often(_):
+        for _ in range(300):
+            layout.ensure_directory(tmp_path)
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        list(pool.map(probe_often, range(4)))
+    assert list(tmp_path.iterdir()) == []  # And the probes leave nothing behind.

@@ -1,0 +1,5 @@
+"""Using a trained model: load and predict, features and attention maps."""
+
+from vit_flax.inference.predict import load, predict
+
+__all__ = ["load", "predict"]

@@ -1,0 +1,93 @@
+"""Inference for research code: `predict(model, images)` and `load(workdir)`."""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from vit_flax.config import ConfigError, ViTConfig
+from vit_flax.infra.checkpoints import restore_model
+from vit_flax.infra.workdir import BEST_CHECKPOINT, BEST_CHECKPOINT_SWAP, CONFIG_FILE
+from vit_flax.models import Model
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _logits(graphdef, state, images):
+    return nnx.merge(graphdef, state)(images, train=False)
+
+
+def _check_inputs(model: Model, images: np.ndarray, batch_size) -> None:
+    """ValueErrors for inputs that would give wrong logits rather than an error."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) or (
+            batch_size < 1):
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    expected = model.config.input_shape
+    if images.ndim != 4 or images.shape[1:] != expected:
+        raise ValueError(f"predict expects images of shape (N, {', '.join(map(str, expected))}),"
+                         f" got {images.shape}")
+    if not (images.dtype == np.uint8 or np.issubdtype(images.dtype, np.floating)):
+        raise ValueError(f"predict expects uint8 or float images, got {images.dtype}")
+    if images.dtype == np.uint8 or not images.size:
+        return
+    if not np.isfinite(images).all():
+        raise ValueError(f"predict got {int((~np.isfinite(images)).sum())} non-finite pixel "
+                         f"values (NaN or inf); pass finite pixels")
+    # Normalization subtracts the mean of the images it was adapted on: pixels in [0, 1] for
+    # a model adapted on 0..255 pixels are all "black" to it, and the logits are garbage.
+    # (A model without the seed's Normalization, e.g. vit_flax.models.hub_vit.ViTHub, scales its
+    # input by its preset's converter: no adapted statistics to check against.)
+    if not hasattr(model, "data_augmentation"):
+        return
+    mean = np.asarray(model.data_augmentation.normalization.mean[...])
+    if images.max() <= 1.0 and mean.max() > 1.0:
+        raise ValueError(
+            f"predict got float images in [{images.min():g}, {images.max():g}], but this model "
+            f"was adapted on pixels in 0..255 (channel means {np.round(mean, 1).tolist()}); "
+            f"pass raw pixels: uint8, or floats in 0..255 (e.g. images * 255)")
+
+
+def predict(model: Model, images, batch_size: int = 256) -> np.ndarray:
+    """Logits (N, num_classes) for raw images (N, H, W, C), uint8 or float, in inference mode.
+
+    Pixels are on the scale the model's Normalization was adapted on (0..255 for train.py's
+    models): float images in [0, 1] for a model adapted on 0..255 are a ValueError, as are
+    NaN or infinite pixels and a batch_size that is not a positive integer.
+    Runs in batches of `batch_size` (the last one padded, so one compiled shape serves all).
+    """
+    images = np.asarray(images)
+    _check_inputs(model, images, batch_size)
+    config = model.config
+    graphdef, state = nnx.split(model)
+    outputs = []
+    for start in range(0, len(images), batch_size):
+        chunk = images[start:start + batch_size]
+        padded = np.zeros((batch_size, *config.input_shape), chunk.dtype)
+        padded[:len(chunk)] = chunk
+        outputs.append(np.asarray(_logits(graphdef, state, jnp.asarray(padded)))[:len(chunk)])
+    if not outputs:
+        return np.zeros((0, config.num_classes), np.float32)
+    return np.concatenate(outputs)
+
+
+def load(workdir: str | os.PathLike) -> tuple[Model, ViTConfig]:
+    """The best model of a `train.py --workdir` run, and its configuration."""
+    workdir = Path(workdir)
+    config_path = workdir / CONFIG_FILE
+    # A kill between the two renames of checkpoints.save_model leaves only a swap copy.
+    copies = (BEST_CHECKPOINT, *BEST_CHECKPOINT_SWAP)
+    if not config_path.is_file() or not any((workdir / name).is_dir() for name in copies):
+        raise FileNotFoundError(f"{workdir} holds no finished train.py checkpoint (expected "
+                                f"{CONFIG_FILE} and {BEST_CHECKPOINT}/)")
+    try:
+        config = ViTConfig.from_json(config_path.read_text())
+    except UnicodeDecodeError:
+        raise ConfigError(f"{config_path}: not a vit_flax config.json (not UTF-8 text)") from None
+    except ConfigError as error:
+        raise ConfigError(f"{config_path}: {error}") from None
+    return restore_model(workdir / BEST_CHECKPOINT, config), config
