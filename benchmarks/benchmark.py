@@ -90,9 +90,8 @@ def run_vit_flax(batch_size: int, steps: int, one_pass: bool, dtype: str = "floa
 
     import vit_flax
     from vit_flax.infra import runtime
-    from vit_flax.models import create_model
     from vit_flax.training import steps as steps_lib
-    from vit_flax.training.optim import keras_adamw
+    from vit_flax.training.setup import create_train_state
 
     if cache:
         runtime.use_compilation_cache(cache)
@@ -100,13 +99,11 @@ def run_vit_flax(batch_size: int, steps: int, one_pass: bool, dtype: str = "floa
     images, labels = random_batch(batch_size, config.num_classes, config.input_size)
     if one_pass:
         config = config.replace(microbatch_size=batch_size)
-    graphdef, params, statistics = steps_lib.split_model(create_model(config, images))
-    tx = keras_adamw(config.learning_rate, config.weight_decay)
-    state = steps_lib.TrainState.create(params, tx, config)
+    runtime.unroll_threefry_on_cpu()  # As train.py does (vit_flax.run).
+    setup = create_train_state(config, images, steps_per_epoch=1)
+    state, statistics, train_step = setup.state, setup.statistics, setup.train_step
     data = jax.device_put((images, labels))
     row = jnp.arange(batch_size, dtype=jnp.int32)
-    runtime.unroll_threefry_on_cpu()  # As train.py does (vit_flax.run).
-    train_step = steps_lib.make_train_step(graphdef, tx, microbatch_size=config.microbatch_size)
     holder = {"state": state, "totals": steps_lib.Totals.zero()}
 
     def step():
@@ -115,7 +112,7 @@ def run_vit_flax(batch_size: int, steps: int, one_pass: bool, dtype: str = "floa
         jax.block_until_ready(holder["totals"])
 
     first, timings = time_steps(step, steps)
-    forward = jax.jit(lambda p, x: nnx.merge(graphdef, p, statistics)(x))
+    forward = jax.jit(lambda p, x: nnx.merge(setup.graphdef, p, statistics)(x))
     cost = forward.lower(holder["state"].params, data[0]).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     return {"implementation": f"vit_flax {vit_flax.__version__}, micro-batch "

@@ -59,7 +59,8 @@ def vit_flax_parts(batch_size: int) -> dict[str, float]:
     tx = keras_adamw(config.learning_rate, config.weight_decay)
     state = {"s": steps_lib.TrainState.create(params, tx, config)}
     runtime.unroll_threefry_on_cpu()  # As train.py does (vit_flax.run).
-    train_step = steps_lib.make_train_step(graphdef, tx, microbatch_size=config.microbatch_size)
+    train_step = steps_lib.make_train_step(graphdef, tx, microbatch_size=config.microbatch_size,
+                                           loss=steps_lib.LossOptions.of(config))
     row = jnp.arange(batch_size, dtype=jnp.int32)
 
     def step():

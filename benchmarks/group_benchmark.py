@@ -91,26 +91,22 @@ def memory(runs_list: list[int], images: int) -> dict:
 
     from vit_flax.data import sources as data
     from vit_flax.infra import parallel
-    from vit_flax.models import create_model
-    from vit_flax.training import feeds, group, optim, steps
+    from vit_flax.training import feeds, steps
+    from vit_flax.training.setup import create_train_state
 
     splits, mesh = problem(images), parallel.data_mesh()
     train_set, validation_set = data.validation_split(splits.train, 0.1)
     sizes = {}
     for runs in runs_list:
-        members = [group.Member(group.run_name(c), c, Path("unused"))
-                   for c in configs(runs, 2)]
-        fit, _ = group.prepare_group(members, train_set, validation_set, splits.train.images,
-                                     mesh)
+        fit, _ = prepare_group(configs(runs, 2), train_set, validation_set, mesh)
         sizes[runs] = analysis(fit.train_step)
     config = configs(1, 2)[0]
-    graphdef, params, statistics = steps.split_model(create_model(config, train_set.images))
-    tx = optim.for_config(config, -(-len(train_set) // config.batch_size))
-    state = jax.device_put((steps.TrainState.create(params, tx, config), statistics),
-                           parallel.replicated(mesh))
+    setup = create_train_state(config, train_set.images, mesh=mesh,
+                               steps_per_epoch=-(-len(train_set) // config.batch_size))
     row = jax.device_put(np.zeros(config.batch_size, np.int32), parallel.batch_sharded(mesh))
-    compiled = steps.make_train_step(graphdef, tx, mesh, config.microbatch_size).lower(
-        *state, steps.Totals.zero(), *feeds.DeviceFeed(train_set, mesh).arrays, row).compile()
+    compiled = setup.train_step.lower(
+        setup.state, setup.statistics, steps.Totals.zero(),
+        *feeds.DeviceFeed(train_set, mesh).arrays, row).compile()
     return {"group": sizes, "solo": analysis(compiled)}
 
 
@@ -119,13 +115,13 @@ def agreement() -> dict:
     import numpy as np
 
     import vit_flax
-    from vit_flax.training import group
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    tests = Path(__file__).resolve().parents[1] / "tests"
+    sys.path[:0] = [str(tests / "training"), str(tests)]
     from test_group import METRICS, NAMES, RUNS, history, small_problem
 
     with tempfile.TemporaryDirectory() as root:
-        group.train_group(RUNS[:2], small_problem(), root, log=lambda _: None)
+        vit_flax.train_group(RUNS[:2], small_problem(), root, log=lambda _: None)
         together = [history(Path(root) / "runs" / name) for name in NAMES[:2]]
         for config in RUNS[:2]:
             vit_flax.train(config, small_problem(), Path(root) / str(config.seed),
@@ -155,17 +151,17 @@ def step_seconds(layout: str, runs: int, timed: int = 12) -> dict:
     mesh = parallel.data_mesh(jax.devices()[:1])
     if layout == "solo":
         config = configs(1, 2)[0]
-        fit, state = trainer.prepare_fit(config, create_model(config, train_set.images),
-                                         train_set, data.Dataset(train_set.images[:0],
-                                                                 train_set.labels[:0]), mesh)
+        fit, state = trainer.prepare_fit(
+            [trainer.Member(config, Path("unused"))], [create_model(config, train_set.images)],
+            train_set, data.Dataset(train_set.images[:0], train_set.labels[:0]), mesh)
         batches = list(fit.train_feed.batches(np.arange(2048), config.batch_size))
         step = lambda state, totals, i: fit.train_step(  # noqa: E731
             state, fit.statistics, totals, *batches[i % len(batches)])
         totals = steps.Totals.zero()
     else:
-        members = [group.Member(group.run_name(c), c, Path("unused")) for c in configs(runs, 2)]
         empty = data.Dataset(train_set.images[:0], train_set.labels[:0])
-        fit, state = group.prepare_group(members, train_set, empty, train_set.images, mesh)
+        fit, state = prepare_group(configs(runs, 2), train_set, empty, mesh)
+        members = fit.members
         rows = parallel.put_global(
             [np.tile(np.arange(128 * i, 128 * (i + 1), dtype=np.int32), (runs, 1))
              for i in range(16)], parallel.batch_sharded(mesh, 1))
@@ -176,8 +172,9 @@ def step_seconds(layout: str, runs: int, timed: int = 12) -> dict:
             by_run = NamedSharding(mesh, PartitionSpec(parallel.DATA_AXIS))
             state, totals, rows = jax.device_put((state, totals, rows), by_run)
             arrays, statistics = parallel.put_replicated((arrays, statistics), mesh)
-            solo = steps.train_step_function(fit.graphdef, group.group_optimizer(
-                members[0].config, 16), None, members[0].config.microbatch_size)
+            solo = steps.train_step_function(
+                fit.graphdef, group.group_optimizer(members[0].config, 16), None,
+                members[0].config.microbatch_size, loss=steps.LossOptions.of(members[0].config))
             run = jax.jit(jax.vmap(solo, in_axes=(0, None, 0, None, None, 0)),
                           donate_argnums=0, out_shardings=(by_run, by_run),
                           compiler_options=steps.compiler_options(mesh))
@@ -193,6 +190,16 @@ def step_seconds(layout: str, runs: int, timed: int = 12) -> dict:
     return {"layout": layout, "runs": 1 if layout == "solo" else runs,
             "devices": jax.device_count(), "seconds_per_step": seconds,
             "loss_sums": np.asarray(totals.sums["loss"]).ravel()[:2].tolist()}
+
+
+def prepare_group(group_configs, train_set, validation_set, mesh):
+    """The loop's fit of a group (compiled step, feeds, stacked state), nothing written."""
+    from vit_flax.models import create_model
+    from vit_flax.training import group, loop
+
+    members = [loop.Member(c, Path("unused"), group.run_name(c)) for c in group_configs]
+    models = [create_model(c, train_set.images) for c in group_configs]
+    return loop.prepare_fit(members, models, train_set, validation_set, mesh, stacked=True)
 
 
 def analysis(compiled) -> dict[str, int]:

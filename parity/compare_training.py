@@ -95,10 +95,11 @@ def train_keras(model: keras.Model, config: ViTConfig, images, labels, checkpoin
 def train_flax(model: ViT, config: ViTConfig, train, validation) -> list[dict]:
     """vit_flax's own epochs (trainer.prepare_fit / train_epoch, as vit_flax.train runs
     them) on one device, without a workdir."""
-    fit, state = trainer.prepare_fit(config, model, train, validation, one_device())
+    member = trainer.Member(config, Path("unused"))  # Nothing is written.
+    fit, state = trainer.prepare_fit([member], [model], train, validation, one_device())
     history = []
     for epoch in range(1, config.epochs + 1):
-        state, row = trainer.train_epoch(fit, state, epoch)
+        state, (row,) = trainer.train_epoch(fit, state, epoch)
         if row["first_nonfinite_step"] >= 0:
             raise FloatingPointError(f"vit_flax's loss became non-finite at step "
                                      f"{row['first_nonfinite_step']} (epoch {epoch})")
@@ -118,7 +119,8 @@ def evaluate_checkpoint(path: Path, config: ViTConfig, validation) -> dict[str, 
     model = parity.load_keras_weights(path, config)
     graphdef, params, statistics = steps.split_model(model)
     mesh = one_device()
-    return trainer.evaluate(steps.make_eval_step(graphdef, mesh), params, statistics,
+    eval_step = steps.make_eval_step(graphdef, mesh, loss=steps.LossOptions.of(config))
+    return trainer.evaluate(eval_step, params, statistics,
                             feeds.make_feed(validation, mesh), config.batch_size)
 
 

@@ -32,7 +32,7 @@ def run_flax_steps(flax_model, tx, images, labels, count: int):
     """`count` calls of vit_flax's train step on one fixed batch: (final state, losses)."""
     graphdef, params, statistics = steps.split_model(flax_model)
     state = steps.TrainState.create(params, tx, flax_model.config)
-    train_step = steps.make_train_step(graphdef, tx)
+    train_step = steps.make_train_step(graphdef, tx, loss=steps.LossOptions.of(flax_model.config))
     batch = jnp.arange(len(images), dtype=jnp.int32)
     losses = []
     for _ in range(count):

@@ -94,7 +94,7 @@ def test_each_step_draws_its_own_augmentation_and_dropout(tiny_config):
 
     # Computed first: the train step donates the state (params and rng among it).
     expected = [float(loss_sum(params, statistics, state.rng, s)) for s in (0, 1)]
-    train_step = steps.make_train_step(graphdef, tx)
+    train_step = steps.make_train_step(graphdef, tx, loss=steps.LossOptions.of(tiny_config))
     losses = []
     for _ in range(2):
         state, totals = train_step(state, statistics, steps.Totals.zero(), images, labels,

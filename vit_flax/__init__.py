@@ -13,8 +13,8 @@ from vit_flax.infra.signals import Interrupted
 from vit_flax.models import create_model
 from vit_flax.models.hub_vit import ViTHub, ViTHubConfig
 from vit_flax.models.seed_vit import ViT
-from vit_flax.training.group import sweep, train_group
-from vit_flax.training.loop import train
+from vit_flax.training.group import sweep
+from vit_flax.training.loop import train, train_group
 from vit_flax.training.run import run
 from vit_flax.weights.keras_hub import load_pretrained
 

@@ -19,10 +19,9 @@ from flax import nnx
 import vit_flax
 from vit_flax.data import sources as data
 from vit_flax.infra import parallel
-from vit_flax.models import create_model
 from vit_flax.training import steps
 from vit_flax.training.feeds import batch_rows, to_device
-from vit_flax.training.optim import keras_adamw
+from vit_flax.training.setup import create_train_state
 
 FOUR_DEVICES = textwrap.dedent("""
     import json, sys
@@ -146,13 +145,9 @@ def test_step_loop_makes_no_host_transfers():
     config = vit_flax.ViTConfig(**TINY)
     images, labels = random_images(20, 8), np.arange(20) % 3
     mesh = parallel.data_mesh()
-    model = create_model(config, images)
-    graphdef, params, statistics = steps.split_model(model)
-    tx = keras_adamw(config.learning_rate, config.weight_decay)
-    state = steps.TrainState.create(params, tx, config)
-    state, statistics = parallel.put_replicated((state, statistics), mesh)
+    setup = create_train_state(config, images, steps_per_epoch=3, mesh=mesh)
+    state, statistics, train_step = setup.state, setup.statistics, setup.train_step
     arrays = to_device(data.Dataset(images, labels), mesh)
-    train_step = steps.make_train_step(graphdef, tx, mesh)
     rows = batch_rows(data.epoch_order(20, 0, 1), config.batch_size, mesh)
     totals = steps.Totals.zero()
     state, totals = train_step(state, statistics, totals, *arrays, rows[0])  # compiles

@@ -18,7 +18,9 @@ from conftest import TINY, random_images
 
 import vit_flax
 from vit_flax.data import sources as data
-from vit_flax.training import group, optim
+from vit_flax.training import feeds, group, loop, optim
+from vit_flax.training.loop import train_group
+from vit_flax.training.setup import create_train_state
 
 CONFIG = vit_flax.ViTConfig(**TINY, epochs=2)
 # Two seeds of the seed's recipe and a learning rate that diverges in its first step.
@@ -43,7 +45,7 @@ def history(run_dir: Path) -> list[list[float]]:
 def grouped(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("group")
     lines: list[str] = []
-    summary = group.train_group(RUNS, small_problem(), workdir, log=lines.append)
+    summary = train_group(RUNS, small_problem(), workdir, log=lines.append)
     return workdir, summary, lines
 
 
@@ -59,10 +61,10 @@ def solo(tmp_path_factory):
 def test_configs_that_differ_in_more_than_seed_and_rates_are_refused(tmp_path):
     with pytest.raises(vit_flax.ConfigError, match=r"differ only in seed, learning_rate, "
                        r"weight_decay: config 1 has batch_size=16, config 0 batch_size=8"):
-        group.train_group([CONFIG, CONFIG.replace(seed=1, batch_size=16)], small_problem(),
+        train_group([CONFIG, CONFIG.replace(seed=1, batch_size=16)], small_problem(),
                           tmp_path)
     with pytest.raises(vit_flax.ConfigError, match="seed0_lr0.001_wd0.0001 more than once"):
-        group.train_group([CONFIG, CONFIG], small_problem(), tmp_path)
+        train_group([CONFIG, CONFIG], small_problem(), tmp_path)
     assert not any(tmp_path.iterdir())
 
 
@@ -144,7 +146,7 @@ def test_a_non_finite_run_stops_alone(grouped):
     results = json.loads((stopped / "results.json").read_text())
     assert results["stopped"] == summary["runs"][NAMES[2]]["stopped"]
     assert results["stopped"].startswith("the training loss became non-finite at step")
-    assert "(epoch 1); the run keeps epoch 0" in results["stopped"]
+    assert "(epoch 1); the run keeps epoch 0, the last finite one" in results["stopped"]
     assert (results["best_epoch"], results["test_accuracy"]) == (0, None)
     assert json.loads((stopped / "history.json").read_text()) == []
     assert any(line.endswith("the other runs go on") for line in lines)
@@ -157,10 +159,10 @@ def test_sigterm_stops_the_group_and_it_resumes_bit_exactly(grouped, tmp_path):
             os.kill(os.getpid(), signal.SIGTERM)
 
     with pytest.raises(vit_flax.Interrupted, match="SIGTERM: stopped in epoch 2; .* holds "
-                       "epoch 1 of every run"):
-        group.train_group(RUNS, small_problem(), tmp_path, log=log)
+                       "epoch 1: run the same command to resume"):
+        train_group(RUNS, small_problem(), tmp_path, log=log)
     lines: list[str] = []
-    summary = group.train_group(RUNS, small_problem(), tmp_path, log=lines.append)
+    summary = train_group(RUNS, small_problem(), tmp_path, log=lines.append)
     assert any(line.startswith("Resuming") for line in lines)
     for name in NAMES:
         assert history(tmp_path / "runs" / name) == history(grouped[0] / "runs" / name)
@@ -169,13 +171,13 @@ def test_sigterm_stops_the_group_and_it_resumes_bit_exactly(grouped, tmp_path):
 
 def test_another_group_in_the_workdir_is_refused(grouped):
     with pytest.raises(vit_flax.ConfigError, match="holds another group .*overwrite=True"):
-        group.train_group([CONFIG.replace(seed=5)], small_problem(), grouped[0])
+        train_group([CONFIG.replace(seed=5)], small_problem(), grouped[0])
 
 
 def test_when_every_run_stops_the_group_stops(tmp_path):
     with pytest.raises(FloatingPointError, match=r"every run of the group stopped: seed0_lr1e"
                        r"\+30_wd0.0001: the training loss became non-finite"):
-        group.train_group(RUNS[2:], small_problem(), tmp_path, log=quiet)
+        train_group(RUNS[2:], small_problem(), tmp_path, log=quiet)
 
 
 def test_a_group_that_does_not_fit_says_how_many_runs_would(monkeypatch):
@@ -194,8 +196,8 @@ TWO_DEVICES = textwrap.dedent("""
     sys.path[:0] = [sys.argv[1], str(Path(sys.argv[1]).parent)]
     from test_group import RUNS, NAMES, history, small_problem
     import jax
-    from vit_flax.training import group
-    summary = group.train_group(RUNS[:2], small_problem(), sys.argv[2], log=lambda _: None)
+    from vit_flax.training.loop import train_group
+    summary = train_group(RUNS[:2], small_problem(), sys.argv[2], log=lambda _: None)
     print(json.dumps({"devices": summary["devices"], "count": jax.device_count(),
                       "histories": [history(Path(sys.argv[2]) / "runs" / name)
                                     for name in NAMES[:2]]}))
@@ -224,16 +226,13 @@ def test_each_run_of_each_epoch_gathers_its_own_seeds_order():
     # all would stay inside test_each_run_is_its_solo_run's seed-to-seed noise.
     from types import SimpleNamespace
 
-    from vit_flax.infra import parallel
-
-    members = [group.Member(name, config, Path("unused")) for name, config in zip(
+    members = [loop.Member(config, Path("unused"), name) for name, config in zip(
         NAMES, RUNS, strict=True)]
     members[2].stopped = "non-finite loss"
-    fit = SimpleNamespace(members=members, config=CONFIG, train_feed=SimpleNamespace(size=20),
-                          mesh=parallel.data_mesh(jax.devices()[:1]))
+    fit = SimpleNamespace(members=members, stacked=True, train_feed=SimpleNamespace(size=20))
     seen = []
     for epoch in (1, 2):
-        rows = np.stack([np.asarray(step) for step in group.epoch_rows(fit, epoch)])
+        rows = feeds.index_rows(loop.epoch_orders(fit, epoch), CONFIG.batch_size)
         for run in (0, 1):
             expected = data.batch_indices(data.epoch_order(20, RUNS[run].seed, epoch),
                                           CONFIG.batch_size)
@@ -242,3 +241,58 @@ def test_each_run_of_each_epoch_gathers_its_own_seeds_order():
         assert (rows[:, 2] == -1).all()
     # Two seeds, two epochs: four different orders.
     assert len({order.tobytes() for order in seen}) == 4
+
+
+def test_group_runs_have_the_solo_runs_figures_logs_and_data_record(grouped):
+    workdir, _, lines = grouped
+    for name in NAMES[:2]:
+        run = workdir / "runs" / name
+        for figure in ("patches.png", "attention.png", "loss.png", "top-5-accuracy.png"):
+            assert (run / figure).stat().st_size > 0, (name, figure)
+        assert any((run / "tensorboard").iterdir())
+        assert json.loads((run / "data.json").read_text())["class_names"] == ["0", "1", "2"]
+    assert any(line.startswith(f"{NAMES[0]}: Test accuracy: ") for line in lines)
+
+
+def test_each_run_starts_with_its_own_learning_rate_and_weight_decay():
+    # A group state built with the first run's hyperparameters for every run would still
+    # train (and its optimizer test pass): the stacked state itself must differ per run.
+    configs = [CONFIG, CONFIG.replace(seed=1, learning_rate=3e-2, weight_decay=0.5)]
+    setup = create_train_state(configs, random_images(16, 8), steps_per_epoch=2)
+    hyperparams = setup.state.opt_state.hyperparams
+    np.testing.assert_allclose(hyperparams["learning_rate"], [1e-3, 3e-2], rtol=1e-7)
+    np.testing.assert_allclose(hyperparams["weight_decay"], [1e-4, 0.5], rtol=1e-7)
+
+
+def test_a_group_resumed_with_its_lists_in_another_order_keeps_each_run_its_own(grouped,
+                                                                              tmp_path):
+    # Seeds 0,1 for one epoch, then 1,0 for two: each run's history is still its own.
+    pair = [RUNS[0].replace(epochs=1), RUNS[1].replace(epochs=1)]
+    train_group(pair, small_problem(), tmp_path, log=quiet)
+    swapped = [RUNS[1], RUNS[0]]
+    summary = train_group(swapped, small_problem(), tmp_path, log=quiet)
+    for name in NAMES[:2]:
+        assert history(tmp_path / "runs" / name) == history(grouped[0] / "runs" / name)
+    assert list(summary["runs"]) == NAMES[:2]  # The order the group was saved in.
+
+
+def test_a_marker_naming_a_run_outside_the_group_is_refused_and_nothing_is_deleted(tmp_path):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("mine")
+    workdir = tmp_path / "a" / "b"
+    workdir.mkdir(parents=True)
+    (workdir / group.GROUP_MARKER).write_text(json.dumps(
+        {"vit_flax": "group", "runs": {"../../victim": {}}}))
+    with pytest.raises(vit_flax.ConfigError, match=r"names a run '\.\./\.\./victim', which is "
+                       r"not a run name"):
+        train_group(RUNS[:2], small_problem(), workdir, log=quiet, overwrite=True)
+    assert (victim / "keep.txt").read_text() == "mine"
+
+
+def test_a_group_marker_of_a_newer_format_is_refused(tmp_path):
+    (tmp_path / group.GROUP_MARKER).write_text(json.dumps(
+        {"vit_flax": "group", "format": group.GROUP_FORMAT + 1, "runs": {}}))
+    with pytest.raises(vit_flax.ConfigError, match=rf"format {group.GROUP_FORMAT + 1}, written "
+                       rf"by another vit_flax; this one reads formats 1-{group.GROUP_FORMAT}"):
+        train_group(RUNS[:2], small_problem(), tmp_path, log=quiet)

@@ -52,7 +52,8 @@ def deterministic_setup(config, count, microbatch_size=None, tx=None):
     graphdef, params, statistics = steps.split_model(model)
     tx = tx or keras_adamw(config.learning_rate, config.weight_decay)
     state = steps.TrainState.create(params, tx, config)
-    return steps.make_train_step(graphdef, tx, microbatch_size=config.microbatch_size), state, \
+    return steps.make_train_step(graphdef, tx, microbatch_size=config.microbatch_size,
+                                 loss=steps.LossOptions.of(config)), state, \
         statistics, jnp.asarray(images), jnp.asarray(labels)
 
 

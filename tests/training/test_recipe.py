@@ -33,7 +33,10 @@ GOLDEN_RUN = textwrap.dedent("""
     import importlib.util, json, sys, tempfile
     import numpy as np
     import vit_flax
-    from vit_flax.data import sources as data
+    try:  # Today's layout, or the flat one of the older commit.
+        from vit_flax.data import sources as data
+    except ImportError:
+        from vit_flax import data
     spec = importlib.util.spec_from_file_location("runtime_of_today", sys.argv[2])
     runtime = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(runtime)
@@ -67,7 +70,7 @@ def golden_run(package_root: Path) -> dict:
     tiny = {k: v for k, v in TINY.items() if k != "mlp_head_units"} | {"mlp_head_units": [16, 8]}
     # cwd and PYTHONPATH first on sys.path: this vit_flax, not the installed one.
     completed = subprocess.run(
-        [sys.executable, "-c", GOLDEN_RUN, json.dumps(tiny), str(ROOT / "vit_flax/runtime.py")],
+        [sys.executable, "-c", GOLDEN_RUN, json.dumps(tiny), str(ROOT / "vit_flax/infra/runtime.py")],
         capture_output=True, text=True, timeout=600, cwd=package_root,
         env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(package_root)))
     assert completed.returncode == 0, completed.stderr[-3000:]

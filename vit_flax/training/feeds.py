@@ -1,20 +1,26 @@
 """Input feeds: how a split's batches reach the jitted steps.
 
 The one host -> device boundary of training. A split that fits lives on the devices
-(`DeviceFeed`: put there once, each step gathers its batch by index in jit); a split too
-large for them streams from the host (`HostFeed`: the host gathers each batch and sends it
-a few steps ahead). Either way a feed yields `steps.Batch` tuples the same step consumes.
+(`DeviceFeed`: put there once, each step gathers its batch by index in jit); one too
+large for them but in host memory goes from there (`HostFeed`: the host gathers each batch
+and sends it a few steps ahead); one too large for host memory streams from its source
+(`StreamFeed`: each process decodes its devices' share of each batch, data.stream). Every
+feed yields `steps.Batch` tuples the same step consumes, `start` batches into the epoch.
 """
 
 from __future__ import annotations
 
 import collections
+import os
+import time
+import warnings
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
 from vit_flax.data import sources as data_lib
+from vit_flax.data import stream
 from vit_flax.infra import parallel
 from vit_flax.training.steps import Batch
 
@@ -24,11 +30,28 @@ def to_device(dataset: data_lib.Dataset, mesh) -> tuple[jax.Array, jax.Array]:
     return parallel.put_replicated((dataset.images, dataset.labels), mesh)
 
 
+def index_rows(order: np.ndarray, batch_size: int) -> np.ndarray:
+    """An epoch's batch index rows: (steps, batch) for one run's order (n,), (steps, runs,
+    batch) for a group's orders (runs, n); -1 pads the last partial batch."""
+    if order.ndim == 1:
+        return np.asarray(list(data_lib.batch_indices(order, batch_size)))
+    return np.stack([index_rows(run_order, batch_size) for run_order in order], axis=1)
+
+
+def check_start(order: np.ndarray, batch_size: int, start: int) -> int:
+    """`start` (batches to skip: a mid-epoch resume) when the epoch has that many."""
+    steps = max(1, -(-np.shape(order)[-1] // batch_size))
+    if not 0 <= start <= steps:
+        raise data_lib.DataError(f"start={start} is outside the epoch's {steps} steps")
+    return start
+
+
 def batch_rows(order: np.ndarray, batch_size: int, mesh) -> list[jax.Array]:
     """An epoch's batch index rows, put on the devices in one go before the epoch starts
-    (each row split across them), so the steps themselves copy nothing from the host."""
-    rows = list(data_lib.batch_indices(order, batch_size))
-    return parallel.put_batch_sharded(rows, mesh)
+    (each row split across them; a group's rows along their batch axis), so the steps
+    themselves copy nothing from the host."""
+    rows = index_rows(order, batch_size)
+    return parallel.put_global(list(rows), parallel.batch_sharded(mesh, rows.ndim - 2))
 
 
 def fits_on_device(dataset: data_lib.Dataset, mesh, fraction: float = 0.25) -> bool:
@@ -51,8 +74,9 @@ class DeviceFeed:
     def __init__(self, dataset: data_lib.Dataset, mesh):
         self.arrays, self.mesh, self.size = to_device(dataset, mesh), mesh, len(dataset)
 
-    def batches(self, order: np.ndarray, batch_size: int):
-        for row in batch_rows(order, batch_size, self.mesh):
+    def batches(self, order: np.ndarray, batch_size: int, start: int = 0):
+        for row in batch_rows(order, batch_size, self.mesh)[check_start(order, batch_size,
+                                                                        start):]:
             yield Batch(*self.arrays, row)
 
 
@@ -66,22 +90,138 @@ class HostFeed:
         self.dataset, self.mesh, self.size = dataset, mesh, len(dataset)
 
     def _put(self, row: np.ndarray) -> Batch:
-        safe = np.maximum(row, 0)
-        local = np.where(row >= 0, np.arange(len(row)), -1).astype(np.int32)
-        batch = (self.dataset.images[safe], self.dataset.labels[safe], local)
-        return Batch(*parallel.put_batch_sharded(batch, self.mesh))
+        """One step's examples gathered on the host (a group's runs one after the other)
+        and the index row(s) into them."""
+        flat = row.reshape(-1)
+        safe = np.maximum(flat, 0)
+        local = np.where(flat >= 0, np.arange(len(flat)), -1).astype(np.int32)
+        images, labels = parallel.put_batch_sharded((self.dataset.images[safe],
+                                                     self.dataset.labels[safe]), self.mesh)
+        index = parallel.put_global(local.reshape(row.shape),
+                                    parallel.batch_sharded(self.mesh, row.ndim - 1))
+        return Batch(images, labels, index)
 
-    def batches(self, order: np.ndarray, batch_size: int):
+    def batches(self, order: np.ndarray, batch_size: int, start: int = 0):
         queue = collections.deque()
-        for row in data_lib.batch_indices(order, batch_size):
+        for row in index_rows(order, batch_size)[check_start(order, batch_size, start):]:
             queue.append(self._put(row))
             if len(queue) > self.PREFETCH:
                 yield queue.popleft()
         yield from queue
 
 
-def make_feed(dataset: data_lib.Dataset, mesh, on_device: bool | None = None):
-    """DeviceFeed when the split fits on the devices (or on_device=True), else HostFeed."""
+# --- the feed --------------------------------------------------------------------------------
+
+class BadImageWarning(UserWarning):
+    """An image that could not be read mid-stream; its example was left out of the step."""
+
+
+class StreamFeed:
+    """A split streamed from its source (data.stream): for each global batch, this process
+    decodes the examples of its own devices (grain workers or threads, rows read ahead), the
+    batch is assembled from every process' part, and `PREFETCH` assembled batches wait on
+    the devices ahead of the step.
+
+    Yields steps.Batch(images, labels, index): images (runs * batch, S, S, 3) and labels
+    laid out by stream.Layout (each device holds the examples of its own index columns),
+    index (batch,) or (runs, batch) into them, -1 for padding and for an example whose file
+    could not be read: named once in a BadImageWarning, left out of its step, tried again
+    in later epochs. `wait_seconds`: how long the last `batches` waited for the decoders;
+    `skipped`: how many unreadable examples it left out.
+    """
+
+    PREFETCH = 2
+
+    def __init__(self, dataset: data_lib.Dataset, mesh, workers: int | None = None,
+                 threads: int | None = None):
+        self.images, self.labels = stream.as_lazy(dataset.images), np.asarray(dataset.labels)
+        self.mesh, self.size = mesh, len(dataset)
+        self.workers = stream.default_workers() if workers is None else workers
+        # Rows decoded at once by each worker; without workers, a thread per core here
+        # (Pillow decodes with the GIL released).
+        self.threads = threads or (2 if self.workers else max(2, os.cpu_count() or 1))
+        self.reported: set[str] = set()
+        self.wait_seconds, self.skipped = 0.0, 0
+
+    def layout(self, runs: int, batch_size: int) -> stream.Layout:
+        owners = tuple(device.process_index for device in self.mesh.devices.flat)
+        stream.check_layout(batch_size, len(owners))
+        return stream.Layout(runs, batch_size, owners)
+
+    def batches(self, order: np.ndarray, batch_size: int, start: int = 0):
+        rows = stream.step_rows(order, batch_size)[check_start(order, batch_size, start):]
+        layout = self.layout(rows.shape[1], batch_size)
+        local_rows = layout.local_rows(jax.process_index())
+        loader = stream.local_batches(self.images, layout.local_keys(rows, jax.process_index()),
+                                      self.workers, self.threads)
+        self.wait_seconds, self.skipped = 0.0, 0
+        placed = collections.deque()
+        for row in rows:
+            waited = time.perf_counter()
+            pixels, failed = next(loader)
+            self.wait_seconds += time.perf_counter() - waited
+            index = self._index(row, layout, [local_rows[at] for at, _ in failed])
+            for _, message in failed:
+                self._report(message)
+            placed.append(self._place(pixels, self._labels(row, layout), index, local_rows,
+                                      squeeze=np.ndim(order) == 1))
+            if len(placed) > self.PREFETCH:
+                yield placed.popleft()
+        yield from placed
+
+    @staticmethod
+    def _index(row: np.ndarray, layout: stream.Layout, unread: list[int]) -> np.ndarray:
+        """(runs, batch): each example's images row; -1 for pads and unread images rows."""
+        positions = layout.positions()
+        return np.where((row >= 0) & ~np.isin(positions, unread), positions, -1).astype(np.int32)
+
+    def _labels(self, row: np.ndarray, layout: stream.Layout) -> np.ndarray:
+        labels = np.zeros(layout.runs * layout.batch_size, np.int32)
+        labels[layout.positions()] = np.where(row >= 0, self.labels[np.maximum(row, 0)], 0)
+        return labels
+
+    def _place(self, pixels, labels, index, local_rows, squeeze: bool) -> Batch:
+        """The global Batch of one step: each process gives its devices' images rows."""
+        local = np.full(len(labels), -1, np.int64)
+        local[local_rows] = np.arange(len(local_rows))
+        sharding = parallel.batch_sharded(self.mesh)
+        images = jax.make_array_from_callback((len(labels), *pixels.shape[1:]), sharding,
+                                              lambda at: pixels[local[at[0]]])
+        index = index[0] if squeeze else index
+        return Batch(images, parallel.put_global(labels, sharding),
+                     parallel.put_global(index, parallel.batch_sharded(self.mesh,
+                                                                       index.ndim - 1)))
+
+    def _report(self, message: str) -> None:
+        self.skipped += 1
+        if message not in self.reported:
+            self.reported.add(message)
+            warnings.warn(f"{message}; its example is left out of the step (as padding) and "
+                          f"the epoch goes on", BadImageWarning, stacklevel=4)
+
+
+def make_feed(dataset: data_lib.Dataset, mesh, on_device: bool | None = None,
+              workers: int | None = None):
+    """The feed of a split (arrays, or data.stream's lazy images).
+
+    on_device=True (--data-in memory): decoded into host memory, then on the devices.
+    on_device=False (--data-in stream): a lazy split streams (StreamFeed); arrays go from
+    host memory (HostFeed). None (auto): a lazy split streams when its decoded pixels would
+    take more than stream.HOST_MEMORY_FRACTION of a host's memory (any process' host: all
+    choose alike), else it is decoded; arrays then live on the devices when they fit there
+    (DeviceFeed), else HostFeed. `workers`: StreamFeed's grain worker processes.
+    """
+    lazy = isinstance(dataset.images, stream.LazyImages) and \
+        not isinstance(dataset.images, stream.ArrayImages)
+    if lazy and on_device is None:
+        streams = stream.choose(dataset) == "stream"
+        if jax.process_count() > 1:
+            streams = bool(multihost_utils.process_allgather(np.asarray(streams)).any())
+        if streams:
+            return StreamFeed(dataset, mesh, workers)
+    elif lazy and on_device is False:
+        return StreamFeed(dataset, mesh, workers)
+    dataset = stream.materialize(dataset)
     if on_device is None:
         on_device = fits_on_device(dataset, mesh)
     return DeviceFeed(dataset, mesh) if on_device else HostFeed(dataset, mesh)

@@ -1,6 +1,14 @@
-"""The seed's `run_experiment`: fit with a validation split, keep the best weights by
-val_accuracy, evaluate them on the test split. `train` is the loop; `train_epoch` is one
-epoch of it, for code that drives epochs itself (parity's training comparison)."""
+"""The one training loop: the seed's `run_experiment` (fit with a validation split, keep the
+best weights by val_accuracy, evaluate them on the test split) for one run (`train`) or for
+a group of runs trained together (`train_group`, see training/group.py).
+
+A run is a list of members: one for a solo run, whose state and step are used as built;
+several for a group, whose state carries a leading runs axis and whose step is vmapped over
+it (training/setup.py). Everything else — feeds, progress, logging cadence, TensorBoard,
+figures, best checkpoints, resume, SIGTERM, non-finite handling, fine-tuning — is this one
+code for both. `train_epoch` is one epoch of it, for code that drives epochs itself
+(parity's training comparison).
+"""
 
 from __future__ import annotations
 
@@ -9,9 +17,10 @@ import dataclasses
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -21,18 +30,14 @@ from vit_flax.infra import parallel
 from vit_flax.infra import workdir as layout
 from vit_flax.infra.checkpoints import RunCheckpoints, RunProgress, restore_model, save_model
 from vit_flax.infra.signals import Interrupted, StopSignals
-from vit_flax.models import Model, create_model
-from vit_flax.training import feeds, optim, reporting, steps
+from vit_flax.models import Model
+from vit_flax.training import feeds, group, reporting, steps
+from vit_flax.training.options import RunOptions, with_fields
+from vit_flax.training.setup import create_train_state
 from vit_flax.weights import finetune
 
 ATTENTION_IMAGES = 4  # Test images in attention.png (the best model's attention rollout).
-
-
-def check_train_options(*, keep_checkpoints: int, log_every: int) -> None:
-    if keep_checkpoints < 1:
-        raise ConfigError(f"keep_checkpoints must be >= 1, got {keep_checkpoints}")
-    if log_every < 0:
-        raise ConfigError(f"log_every must be >= 0, got {log_every}")
+DATA_FILE = "data.json"  # What a run was trained on: data set, directory, class names.
 
 
 def check_data(config: ViTConfig, splits: data_lib.Splits) -> None:
@@ -49,52 +54,99 @@ def check_data(config: ViTConfig, splits: data_lib.Splits) -> None:
 
 
 @dataclasses.dataclass
-class Fit:
-    """Everything an epoch needs besides the train state: the compiled steps, the
-    normalization statistics and the feeds; optionally a stop flag and an event log."""
+class Member:
+    """One run of the loop: its config, its directory and what the loop knows of it."""
 
     config: ViTConfig
+    directory: Path
+    name: str | None = None  # A group's run name; None for a solo run.
+    progress: RunProgress = dataclasses.field(default_factory=RunProgress)
+    stopped: str | None = None  # Why it stopped early (a non-finite loss); None: training.
+    events: reporting.EventLog | None = None
+
+    def say(self, line: str) -> str:
+        return line if self.name is None else f"{self.name}: {line}"
+
+
+@dataclasses.dataclass
+class Fit:
+    """Everything an epoch needs besides the train state: the members, the compiled steps,
+    the normalization statistics and the feeds; a stop flag and the logging cadence."""
+
+    members: list[Member]
+    stacked: bool  # A group: the state has a runs axis and the steps are vmapped.
+    mesh: object
     graphdef: nnx.GraphDef
+    statistics: nnx.State
     train_step: Callable
     eval_step: Callable
-    statistics: nnx.State
-    train_feed: feeds.DeviceFeed | feeds.HostFeed
-    validation_feed: feeds.DeviceFeed | feeds.HostFeed | None
+    train_feed: object
+    validation_feed: object | None
+    compile_seconds: float
+    memory_bytes: int | None = None
+    data_on_device: bool | None = None  # The feed choice (None: automatic).
     stop: StopSignals | None = None
-    events: reporting.EventLog | None = None
     log_every: int = 0
-    compile_seconds: float = 0.0
+
+    @property
+    def config(self) -> ViTConfig:  # What the members share.
+        return self.members[0].config
+
+    def zero_totals(self) -> steps.Totals:
+        return group.zero_totals(len(self.members)) if self.stacked else steps.Totals.zero()
+
+    def run_means(self, totals: steps.Totals) -> list[dict[str, float]]:
+        return group.run_means(totals) if self.stacked else [totals.means()]
 
 
-def prepare_fit(config: ViTConfig, model: Model, train_set: data_lib.Dataset,
-                validation_set: data_lib.Dataset, mesh,
-                data_on_device: bool | None = None) -> tuple[Fit, steps.TrainState]:
-    """The compiled steps, feeds and initial train state for training `model` on the mesh."""
-    graphdef, params, statistics = steps.split_model(model)
-    tx = optim.for_config(config, steps_per_epoch=-(-len(train_set) // config.batch_size))
-    state = steps.TrainState.create(params, tx, config)
-    state, statistics = parallel.put_replicated((state, statistics), mesh)
+def prepare_fit(members: list[Member], models: Sequence[Model], train_set: data_lib.Dataset,
+                validation_set: data_lib.Dataset, mesh, data_on_device: bool | None = None,
+                stacked: bool = False) -> tuple[Fit, steps.TrainState]:
+    """The compiled steps, feeds and initial train state for training `models` on the mesh
+    (a group's memory checked against the device before any step runs)."""
+    config = members[0].config
+    setup = create_train_state([m.config for m in members] if stacked else config, None,
+                               steps_per_epoch=-(-len(train_set) // config.batch_size),
+                               mesh=mesh, models=models)
     train_feed = feeds.make_feed(train_set, mesh, data_on_device)
     validation_feed = feeds.make_feed(validation_set, mesh, data_on_device) \
         if len(validation_set) else None
     started = time.perf_counter()
-    example = next(train_feed.batches(np.zeros(config.batch_size, np.int32), config.batch_size))
-    train_step = steps.make_train_step(graphdef, tx, mesh, config.microbatch_size).lower(
-        state, statistics, steps.Totals.zero(), *example).compile()
-    fit = Fit(config, graphdef, train_step, steps.make_eval_step(graphdef, mesh), statistics,
-              train_feed, validation_feed, compile_seconds=time.perf_counter() - started)
-    return fit, state
+    order = np.zeros((len(members), config.batch_size) if stacked else config.batch_size,
+                     np.int32)
+    example = next(train_feed.batches(order, config.batch_size))
+    train_step = setup.train_step.lower(setup.state, setup.statistics, setup.zero_totals(),
+                                        *example).compile()
+    memory = None
+    if stacked:
+        memory = group.step_memory_bytes(train_step)
+        group.check_fits(memory, len(members), train_set.images.nbytes
+                         + train_set.labels.nbytes, mesh)
+    fit = Fit(members, stacked, mesh, setup.graphdef, setup.statistics, train_step,
+              setup.eval_step, train_feed, validation_feed, time.perf_counter() - started,
+              memory, data_on_device)
+    return fit, setup.state
+
+
+def epoch_orders(fit: Fit, epoch: int) -> np.ndarray:
+    """The epoch's example order: (n,) for one run, (runs, n) for a group, each run in its
+    own seed's order and a stopped run all padding (-1)."""
+    orders = np.stack([data_lib.epoch_order(fit.train_feed.size, m.config.seed, epoch)
+                       for m in fit.members])
+    orders[[m.stopped is not None for m in fit.members]] = -1
+    return orders if fit.stacked else orders[0]
 
 
 def train_epoch(fit: Fit, state: steps.TrainState,
-                epoch: int) -> tuple[steps.TrainState, dict | None]:
-    """One epoch of training and validation: (state, history row), or (state, None) when a
-    stop signal arrived during it (the partial epoch is abandoned)."""
+                epoch: int) -> tuple[steps.TrainState, list[dict] | None]:
+    """One epoch of training and validation: (state, a history row per member, each with
+    its first_nonfinite_step), or (state, None) when a stop signal arrived during it (the
+    partial epoch is abandoned)."""
     config = fit.config
     started = time.perf_counter()
-    order = data_lib.epoch_order(fit.train_feed.size, config.seed, epoch)
-    progress = reporting.Progress(epoch, config.epochs, -(-len(order) // config.batch_size))
-    totals = steps.Totals.zero()
+    order = epoch_orders(fit, epoch)
+    progress = reporting.Progress(epoch, config.epochs, -(-order.shape[-1] // config.batch_size))
+    totals = fit.zero_totals()
     with contextlib.closing(progress):
         for i, batch in enumerate(fit.train_feed.batches(order, config.batch_size)):
             if fit.stop is not None and fit.stop.requested:
@@ -102,72 +154,235 @@ def train_epoch(fit: Fit, state: steps.TrainState,
             previous = totals
             state, totals = fit.train_step(state, fit.statistics, totals, *batch)
             progress.update(i, previous)
-            if fit.events and fit.log_every and i and i % fit.log_every == 0:
-                fit.events.step(int(state.step) - 1, previous.means())  # Up to the step before.
-        row = {"epoch": epoch, **totals.means()}  # Waits for the last step.
+            if fit.log_every and i and i % fit.log_every == 0:
+                _log_step(fit, state, previous)
+        rows = [{"epoch": epoch, **means} for means in fit.run_means(totals)]  # Waits.
     train_seconds = time.perf_counter() - started
     if fit.validation_feed is not None:
         validation = evaluate(fit.eval_step, state.params, fit.statistics, fit.validation_feed,
-                              config.batch_size)
-        row.update({f"val_{name}": value for name, value in validation.items()})
-    row["epoch_seconds"] = time.perf_counter() - started
-    row["images_per_second"] = fit.train_feed.size / train_seconds
-    row["first_nonfinite_step"] = int(totals.first_nonfinite_step)
-    return state, row
+                              config.batch_size, fit.zero_totals(), fit.run_means)
+        for row, means in zip(rows, validation, strict=True):
+            row.update({f"val_{name}": value for name, value in means.items()})
+    flags = np.atleast_1d(np.asarray(totals.first_nonfinite_step))
+    for row, flag in zip(rows, flags, strict=True):
+        row.update(epoch_seconds=time.perf_counter() - started,
+                   images_per_second=fit.train_feed.size / train_seconds,
+                   first_nonfinite_step=int(flag))
+    return state, rows
 
 
-def evaluate(eval_step, params, statistics, feed, batch_size: int) -> dict[str, float]:
-    totals = steps.Totals.zero()
+def _log_step(fit: Fit, state: steps.TrainState, previous: steps.Totals) -> None:
+    """TensorBoard's per-step points: each member's running means up to the step before."""
+    step = int(np.max(np.asarray(state.step))) - 1
+    for member, means in zip(fit.members, fit.run_means(previous), strict=True):
+        if member.events is not None and member.stopped is None:
+            member.events.step(step, means)
+
+
+def evaluate(eval_step, params, statistics, feed, batch_size: int,
+             totals: steps.Totals | None = None, means=None):
+    """Metrics of `params` over a feed's split: a dict for one run; with `means` (a Fit's
+    run_means) and stacked `totals`, one dict per run."""
+    totals = steps.Totals.zero() if totals is None else totals
     for batch in feed.batches(np.arange(feed.size), batch_size):
         totals = eval_step(params, statistics, totals, *batch)
-    return totals.means()
+    return totals.means() if means is None else means(totals)
 
 
-def train(config: ViTConfig, splits: data_lib.Splits, workdir: str | os.PathLike,
-          log: Callable[[str], None] = print, devices=None,
-          data_on_device: bool | None = None, overwrite: bool = False,
-          allow_non_empty: bool = False, keep_checkpoints: int = 2, log_every: int = 0,
-          init_from: str | os.PathLike | None = None) -> dict:
+def record_epoch(fit: Fit, state, run: int, row: dict, log) -> None:
+    """A member's epoch: stopped if its loss went non-finite; else logged, and its model
+    kept when best (a strict improvement, as ModelCheckpoint(save_best_only=True); without
+    a validation set every epoch saves, so the last one is kept)."""
+    member = fit.members[run]
+    bad_step = row.pop("first_nonfinite_step")
+    if bad_step >= 0:
+        keeper = "the run" if member.name else member.directory  # A group's: in summary.json.
+        member.stopped = (f"the training loss became non-finite at step {bad_step} (epoch "
+                          f"{row['epoch']}); {keeper} keeps epoch "
+                          f"{member.progress.epoch}, the last finite one (a lower "
+                          f"learning_rate?)")
+        if fit.stacked:
+            log(member.say(f"{member.stopped}; the other runs go on"))
+        return
+    member.progress.history.append(row)
+    member.events.epoch(row)
+    log(member.say(reporting.epoch_line(row, fit.config.epochs)))
+    score = row.get("val_accuracy", np.inf)
+    if score > member.progress.best_accuracy or fit.validation_feed is None:
+        member.progress.best_accuracy, member.progress.best_epoch = score, row["epoch"]
+        params = group.unstack(state.params, run) if fit.stacked else state.params
+        save_model(member.directory / layout.BEST_CHECKPOINT,
+                   nnx.merge(fit.graphdef, params, fit.statistics))
+    member.progress.epoch = row["epoch"]
+
+
+def saved_progress(fit: Fit, done: int) -> RunProgress:
+    """What RunCheckpoints saves beside the state: the run's progress, or a group's packed."""
+    return group.pack(done, fit.members) if fit.stacked else fit.members[0].progress
+
+
+def fit_epochs(fit: Fit, state, done: int, checkpoints: RunCheckpoints, workdir: Path,
+               log) -> None:
+    """The epochs left, while any member trains: train, record, checkpoint, write the
+    histories. A solo run whose loss goes non-finite stops the loop; a group's run stops
+    alone and the others go on (the runs of a vmapped step never mix)."""
+    for epoch in range(done + 1, fit.config.epochs + 1):
+        if all(member.stopped for member in fit.members):
+            break
+        state, rows = train_epoch(fit, state, epoch)
+        if rows is None:
+            raise Interrupted(f"{fit.stop.requested}: stopped in epoch {epoch}; {workdir} holds "
+                              f"epoch {done}: run the same command to resume")
+        for run, row in enumerate(rows):
+            if fit.members[run].stopped is None:
+                record_epoch(fit, state, run, row, log)
+        _stop_nonfinite(fit)
+        if any(member.stopped for member in fit.members):
+            state = group.discard_stopped(state, jnp.asarray(
+                [member.stopped is not None for member in fit.members]))
+        done = epoch
+        checkpoints.save(state, saved_progress(fit, done))
+        for member in fit.members:
+            _write_json(member.directory / layout.HISTORY_FILE, member.progress.history)
+
+
+def _stop_nonfinite(fit: Fit) -> None:
+    """A solo run's non-finite loss ends it: its last checkpoint is the last finite epoch."""
+    if not fit.stacked and fit.members[0].stopped:
+        raise FloatingPointError(fit.members[0].stopped)
+
+
+def resume(checkpoints: RunCheckpoints, state, fit: Fit, workdir: Path, log):
+    """(state, epochs done): the last checkpoint's, or the fresh state and 0."""
+    restored = checkpoints.restore_latest(state)
+    if restored is None:
+        return state, 0
+    state, progress = restored
+    if progress.epoch > fit.config.epochs:
+        raise ConfigError(f"workdir={workdir} holds {progress.epoch} trained epochs, more than "
+                          f"epochs={fit.config.epochs}; give epochs >= {progress.epoch} to "
+                          f"continue it, or use another workdir")
+    if fit.stacked:
+        group.unpack(progress, fit.members)
+    else:
+        fit.members[0].progress = progress
+    log(f"Resuming {workdir} after epoch {progress.epoch}")
+    return parallel.put_replicated(state, fit.mesh), progress.epoch
+
+
+def train_and_validation(splits: data_lib.Splits, config: ViTConfig):
+    """The source's own validation split where it has one (a TFDS data set), else Keras'
+    validation_split: the last fraction of the training images."""
+    if getattr(splits, "validation", None) is not None:
+        return splits.train, splits.validation
+    return data_lib.validation_split(splits.train, config.validation_split)
+
+
+def _write_json(path: Path, value) -> None:
+    if parallel.is_main_process():  # On several hosts only process 0 writes files.
+        layout.write_json(path, value)
+
+
+def train(config: ViTConfig, splits: data_lib.Splits, workdir: str | os.PathLike = "workdir",
+          options: RunOptions | None = None, *, log: Callable[[str], None] = print,
+          devices=None, data: dict | None = None, **fields) -> dict:
     """Fit, keep the best weights by val_accuracy, evaluate them on the test split.
 
     Data-parallel over `devices` (default: all of them). The data lives on the devices
-    unless it would take more than a quarter of their memory (or data_on_device=False), in
-    which case batches stream from the host. Writes config.json, history.json (every
-    epoch), the best checkpoint, results.json and the figures into `workdir`; returns the
-    contents of results.json.
+    unless it would take more than a quarter of their memory (or options.data_in says
+    otherwise), in which case batches stream from the host. Writes config.json, data.json,
+    history.json (every epoch), the best checkpoint, results.json and the figures into
+    `workdir`; returns the contents of results.json. `data` describes where `splits` came
+    from ({"dataset": ..., "data_dir": ...}, as `run` passes it), for data.json.
 
-    Every epoch's end is checkpointed (the last `keep_checkpoints` kept); calling train
-    again on the same workdir resumes there and ends as the uninterrupted run would have.
-    The workdir rules (vit_flax.infra.workdir): a run of another configuration is an error unless
-    `overwrite` (which deletes only that run's own files); a non-empty directory that is not
-    a run is an error unless `allow_non_empty`; a second process is refused by a lock.
-    SIGTERM/SIGINT stop the run at the next step, keep the last epoch's checkpoint and raise
-    signals.Interrupted. TensorBoard events go to workdir/tensorboard (every epoch, and every
-    `log_every` steps when > 0). With `init_from` (a vit_flax workdir) training starts from
-    its best model's weights, the classifier new (vit_flax.weights.finetune); checked before the
-    workdir is claimed.
+    `options` (training/options.RunOptions; or its fields as keywords): every epoch's end
+    is checkpointed (the last `keep_checkpoints` kept); calling train again on the same
+    workdir resumes there and ends as the uninterrupted run would have. The workdir rules
+    (vit_flax.infra.workdir): a run of another configuration is an error unless `overwrite`
+    (which deletes only that run's own files); a non-empty directory that is not a run is
+    an error unless `allow_non_empty`; a second process is refused by a lock. SIGTERM/SIGINT
+    stop the run at the next step, keep the last epoch's checkpoint and raise
+    signals.Interrupted. TensorBoard events go to workdir/tensorboard (every epoch, and
+    every `log_every` steps when > 0). With `init_from` (a vit_flax workdir or a Keras Hub
+    preset) training starts from its weights, the classifier new (vit_flax.weights.finetune);
+    checked before the workdir is claimed.
     """
-    check_train_options(keep_checkpoints=keep_checkpoints, log_every=log_every)
-    mesh = parallel.data_mesh(devices)
-    parallel.check_batch_size(config, mesh)
-    check_data(config, splits)
+    options = with_fields(RunOptions, options, fields)
     workdir = layout.ensure_directory(workdir)
+    return _train_members([Member(config, workdir)], splits, workdir, options, log, devices,
+                          False, data)[0]
+
+
+def train_group(configs: list[ViTConfig], splits: data_lib.Splits,
+                workdir: str | os.PathLike = "workdir", options: RunOptions | None = None, *,
+                log: Callable[[str], None] = print, devices=None, data: dict | None = None,
+                **fields) -> dict:
+    """Train `configs` (differing only in seed, learning_rate, weight_decay) together, each
+    as `train` would alone, in one vmapped program; returns the contents of
+    WORKDIR/summary.json. `options` are `train`'s, for the group's directory and for each
+    run's; training/group.py describes the layout and the group's rules."""
+    names = group.check_group(configs)
+    options = with_fields(RunOptions, options, fields)
+    workdir = layout.ensure_directory(workdir)
+    members = [Member(config, workdir / group.RUNS / name, name)
+               for name, config in zip(names, configs, strict=True)]
+    all_results, fit = _train_members(members, splits, workdir, options, log, devices,
+                                      True, data)
+    summary = group.summarize(fit.members, all_results, fit.mesh.size, fit.compile_seconds,
+                              fit.memory_bytes)
+    _write_json(workdir / group.SUMMARY_FILE, summary)
+    log(group.summary_table(summary))
+    if all(member.stopped for member in fit.members):
+        raise FloatingPointError("every run of the group stopped: " + "; ".join(
+            f"{member.name}: {member.stopped}" for member in fit.members))
+    return summary
+
+
+def _train_members(members: list[Member], splits: data_lib.Splits, workdir: Path,
+                   options: RunOptions, log, devices, stacked: bool, data: dict | None):
+    """Checks, claim, train, finish: (results of a solo run, or (results list, fit))."""
+    mesh = parallel.data_mesh(devices)
+    parallel.check_batch_size(members[0].config, mesh)
+    check_data(members[0].config, splits)
     main = parallel.is_main_process()
-    if main:
+    log = log if main else (lambda _: None)
+    if main and not stacked:
         # A trainer holding the lock may be half-way through its claim (no marker yet):
         # the directory is in use, not a stranger's, and the message must say so.
         layout.Lock(workdir).refuse_if_held()
-        layout.check_claim(workdir, config, overwrite=overwrite, allow_non_empty=allow_non_empty)
-    model = _initial_model(config, splits, init_from, log if main else (lambda _: None))
-    with layout.Lock(workdir) if main else contextlib.nullcontext():
-        if main:
-            layout.claim(workdir, config, overwrite=overwrite, allow_non_empty=allow_non_empty)
-        return _train_in(config, model, splits, workdir, log if main else (lambda _: None),
-                         mesh, data_on_device, keep_checkpoints, log_every, init_from)
+        layout.check_claim(workdir, members[0].config, overwrite=options.overwrite,
+                           allow_non_empty=options.allow_non_empty)
+    models = {id(m): _initial_model(m.config, splits, options.init_from, log)
+              for m in members}
+    with contextlib.ExitStack() as held:
+        if main:  # A resumed group comes back in its saved order.
+            members = _claim(workdir, members, held, options, stacked)
+        fit, all_results = _train_in(members, [models[id(m)] for m in members], splits,
+                                     workdir, options, log, mesh, stacked, data)
+    return (all_results, fit) if stacked else all_results
+
+
+def _claim(workdir: Path, members: list[Member], held: contextlib.ExitStack,
+           options: RunOptions, stacked: bool) -> list[Member]:
+    """Lock and claim the workdir by its rules (a group: its directory and each run's, so a
+    solo `train` into one of them is refused while the group trains)."""
+    held.enter_context(layout.Lock(workdir))
+    if not stacked:
+        layout.claim(workdir, members[0].config, overwrite=options.overwrite,
+                     allow_non_empty=options.allow_non_empty)
+        return members
+    members = group.claim_group(workdir, members, options.overwrite, options.allow_non_empty)
+    for member in members:
+        layout.ensure_directory(member.directory)
+        held.enter_context(layout.Lock(member.directory))
+        layout.claim(member.directory, member.config, overwrite=options.overwrite)
+    return members
 
 
 def _initial_model(config: ViTConfig, splits: data_lib.Splits, init_from, log) -> Model:
     # As the seed: Normalization is adapted on all training images, the validation part too.
+    from vit_flax.models import create_model
+
     model = create_model(config, splits.train.images)
     if init_from is not None:
         source = finetune.load_source(init_from)
@@ -181,106 +396,143 @@ def _initial_model(config: ViTConfig, splits: data_lib.Splits, init_from, log) -
     return model
 
 
-def _train_in(config, model: Model, splits, workdir: Path, log, mesh, data_on_device,
-              keep_checkpoints, log_every, init_from) -> dict:
-    train_set, validation_set = data_lib.validation_split(splits.train, config.validation_split)
-    fit, state = prepare_fit(config, model, train_set, validation_set, mesh, data_on_device)
-    log(f"Training on {len(train_set)} images, validating on {len(validation_set)}, "
-        f"{mesh.size} {mesh.devices.flat[0].platform.upper()} device(s), data "
-        f"{'on the devices' if isinstance(fit.train_feed, feeds.DeviceFeed) else 'streamed'};"
-        f" train step compiled in {fit.compile_seconds:.1f}s")
-    with contextlib.closing(RunCheckpoints(workdir / layout.RUN_STATE, keep_checkpoints,
+def _train_in(members: list[Member], models, splits, workdir: Path, options: RunOptions, log,
+              mesh, stacked: bool, data: dict | None):
+    config = members[0].config
+    train_set, validation_set = train_and_validation(splits, config)
+    fit, state = prepare_fit(members, models, train_set, validation_set, mesh,
+                             options.data_on_device, stacked)
+    fit.log_every = options.log_every
+    log(_start_line(fit, len(train_set), len(validation_set)))
+    described = describe_data(data, splits, len(train_set), options)
+    with contextlib.closing(RunCheckpoints(workdir / layout.RUN_STATE, options.keep_checkpoints,
                                           log)) as checkpoints:
-        state, progress = _resume(checkpoints, state, config, workdir, mesh, log)
-        # After _resume's check: a refused resume leaves the run's config.json as it was.
-        _write_json(workdir / layout.CONFIG_FILE, json.loads(config.to_json()))
-        if parallel.is_main_process():
-            reporting.plot_patches(model, train_set.images[0], workdir / "patches.png")
-        with StopSignals() as stop, reporting.EventLog(workdir, config) as events:
-            fit.stop, fit.events, fit.log_every = stop, events, log_every
-            _fit_epochs(fit, state, progress, checkpoints, workdir, log)
-    results = _finish(config, splits, workdir, progress, fit.eval_step, mesh, data_on_device,
-                      log)
-    results.update(compile_seconds=fit.compile_seconds, train_examples=len(train_set),
-                   validation_examples=len(validation_set),
-                   init_from=None if init_from is None else str(init_from))
-    _write_json(workdir / layout.RESULTS_FILE, results)
-    return results
+        state, done = resume(checkpoints, state, fit, workdir, log)
+        if done:
+            check_same_data(fit.members, described)
+        # After resume's checks: a refused resume leaves the runs' files as they were.
+        _write_run_files(fit, models, train_set, described)
+        with StopSignals() as stop, contextlib.ExitStack() as logs:
+            fit.stop = stop
+            for member in fit.members:
+                member.events = logs.enter_context(reporting.EventLog(member.directory,
+                                                                      member.config))
+            fit_epochs(fit, state, done, checkpoints, workdir, log)
+    all_results = _finish(fit, splits, log)
+    for member, results in zip(fit.members, all_results, strict=True):
+        results.update(compile_seconds=fit.compile_seconds, train_examples=len(train_set),
+                       validation_examples=len(validation_set), **described)
+        if stacked:
+            results.update(group=str(workdir), stopped=member.stopped)
+        _write_json(member.directory / layout.RESULTS_FILE, results)
+    return fit, all_results
 
 
-def _resume(checkpoints: RunCheckpoints, state, config: ViTConfig, workdir: Path, mesh, log):
-    """The state and progress to start from: the last checkpoint's, or the fresh ones."""
-    restored = checkpoints.restore_latest(state)
-    if restored is None:
-        return state, RunProgress()
-    state, progress = restored
-    if progress.epoch > config.epochs:
-        raise ConfigError(f"workdir={workdir} holds {progress.epoch} trained epochs, more than "
-                          f"epochs={config.epochs}; give epochs >= {progress.epoch} to "
-                          f"continue it, or use another workdir")
-    log(f"Resuming {workdir} after epoch {progress.epoch}")
-    return parallel.put_replicated(state, mesh), progress
+def _start_line(fit: Fit, train_examples: int, validation_examples: int) -> str:
+    mesh = fit.mesh
+    where = "on the devices" if isinstance(fit.train_feed, feeds.DeviceFeed) else "streamed"
+    devices = f"{mesh.size} {mesh.devices.flat[0].platform.upper()} device(s)"
+    if not fit.stacked:
+        return (f"Training on {train_examples} images, validating on {validation_examples}, "
+                f"{devices}, data {where}; train step compiled in {fit.compile_seconds:.1f}s")
+    return (f"Training {len(fit.members)} runs together on {train_examples} images, validating "
+            f"on {validation_examples}, {devices}, data {where}; group train step compiled in "
+            f"{fit.compile_seconds:.1f}s, {fit.memory_bytes / 2**20:.1f} MiB per device")
 
 
-def _fit_epochs(fit: Fit, state, progress: RunProgress, checkpoints: RunCheckpoints,
-                workdir: Path, log) -> None:
-    """The epochs left: train, log, keep the best model, checkpoint, write the history."""
-    _write_json(workdir / layout.HISTORY_FILE, progress.history)
-    for epoch in range(progress.epoch + 1, fit.config.epochs + 1):
-        state, row = train_epoch(fit, state, epoch)
-        if row is None:
-            raise Interrupted(f"{fit.stop.requested}: stopped in epoch {epoch}; {workdir} holds "
-                              f"epoch {progress.epoch}: run the same command to resume")
-        bad_step = row.pop("first_nonfinite_step")
-        if bad_step >= 0:
-            raise FloatingPointError(
-                f"the training loss became non-finite at step {bad_step} (epoch {epoch}); "
-                f"{workdir} keeps epoch {progress.epoch}, the last finite one (a lower "
-                f"learning_rate?)")
-        progress.history.append(row)
-        fit.events.epoch(row)
-        log(reporting.epoch_line(row, fit.config.epochs))
-        # ModelCheckpoint(save_best_only=True): only a strict improvement saves. Without
-        # a validation set every epoch saves, so the last one is kept.
-        score = row.get("val_accuracy", np.inf)
-        if score > progress.best_accuracy or fit.validation_feed is None:
-            progress.best_accuracy, progress.best_epoch = score, epoch
-            save_model(workdir / layout.BEST_CHECKPOINT,
-                       nnx.merge(fit.graphdef, state.params, fit.statistics))
-        progress.epoch = epoch
-        checkpoints.save(state, progress)
-        _write_json(workdir / layout.HISTORY_FILE, progress.history)
+def describe_data(data: dict | None, splits: data_lib.Splits, train_examples: int,
+                  options: RunOptions) -> dict:
+    """What makes a run's data what it is: data.json, and a resume's check."""
+    data = data or {}
+    return {"dataset": data.get("dataset"),
+            "data_dir": None if data.get("data_dir") is None else str(data["data_dir"]),
+            "class_names": list(splits.class_names), "examples": len(splits.train),
+            "init_from": None if options.init_from is None else str(options.init_from)}
 
 
-def _finish(config, splits, workdir: Path, progress: RunProgress, eval_step, mesh,
-            data_on_device, log) -> dict:
-    """Restore the best weights (as the seed's model.load_weights), evaluate, plot."""
-    results = {"test_loss": None, "test_accuracy": None, "test_top-5-accuracy": None}
-    if parallel.is_main_process():
-        reporting.plot_history(progress.history, workdir)
-    if progress.best_epoch and splits.test is not None and len(splits.test):
-        best = restore_model(workdir / layout.BEST_CHECKPOINT, config)
-        _, params, statistics = steps.split_model(best)
-        params, statistics = parallel.put_replicated((params, statistics), mesh)
-        test = evaluate(eval_step, params, statistics,
-                        feeds.make_feed(splits.test, mesh, data_on_device), config.batch_size)
-        results.update({f"test_{name}": value for name, value in test.items()})
-        log(f"Test accuracy: {round(test['accuracy'] * 100, 2)}%")
-        log(f"Test top 5 accuracy: {round(test['top-5-accuracy'] * 100, 2)}%")
-        if parallel.is_main_process():
-            reporting.plot_attention(best, splits.test.images[:ATTENTION_IMAGES],
-                                     workdir / "attention.png")
-    elif splits.test is None:
-        log("No test split (an image folder without test/): test metrics are not computed.")
-    elif not progress.best_epoch:
-        log("No epoch was trained: there is no checkpoint to test.")
-    results.update(best_epoch=progress.best_epoch, epochs=progress.epoch,
-                   test_examples=0 if splits.test is None else len(splits.test),
-                   config=json.loads(config.to_json()), devices=mesh.size,
-                   versions=reporting.versions())
-    return results
+def check_same_data(members: list[Member], described: dict) -> None:
+    """A resumed run must read what it was trained on: the same data set and directory,
+    the same number of examples and classes, the same starting weights. Runs written before
+    data.json existed are not checked."""
+    for member in members:
+        path = member.directory / DATA_FILE
+        if not path.is_file():
+            continue
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        for key, value in described.items():
+            if key in saved and saved[key] != value:
+                shown = {k: (f"{len(v)} classes" if k == "class_names" else v)
+                         for k, v in ((key, saved[key]), ("new", value))}
+                raise ConfigError(
+                    f"{member.directory} was trained with {key}={shown[key]!r}; this run has "
+                    f"{key}={shown['new']!r}: resume it with the data and flags it started "
+                    f"with, or train into another workdir")
 
 
-def _write_json(path: Path, value) -> None:
-    if parallel.is_main_process():
-        layout.write_json(path, value)
+def _write_run_files(fit: Fit, models, train_set, described: dict) -> None:
+    """Each member's config.json and data.json (what it trains on: the class names come
+    back with the model), and patches.png."""
+    for member, model in zip(fit.members, models, strict=True):
+        _write_json(member.directory / layout.CONFIG_FILE, json.loads(member.config.to_json()))
+        _write_json(member.directory / DATA_FILE, described)
+        if parallel.is_main_process() and len(train_set):
+            reporting.plot_patches(model, train_set.images[0],
+                                   member.directory / "patches.png")
+
+
+def _finish(fit: Fit, splits: data_lib.Splits, log) -> list[dict]:
+    """Restore each member's best weights (as the seed's model.load_weights), evaluate them
+    on the test split, plot; the results of each member."""
+    tests = _evaluate_best(fit, splits.test)
+    versions = reporting.versions()
+    all_results = []
+    for member, test in zip(fit.members, tests, strict=True):
+        results = {f"test_{name}": None if test is None else test[name]
+                   for name in steps.METRIC_NAMES}
+        if test is not None:
+            log(member.say(f"Test accuracy: {round(test['accuracy'] * 100, 2)}%"))
+            log(member.say(f"Test top 5 accuracy: {round(test['top-5-accuracy'] * 100, 2)}%"))
+        elif splits.test is None:
+            log(member.say("No test split (an image folder without test/): test metrics "
+                           "are not computed."))
+        elif not member.progress.best_epoch:
+            log(member.say("No epoch was trained: there is no checkpoint to test."))
+        results.update(best_epoch=member.progress.best_epoch, epochs=member.progress.epoch,
+                       test_examples=0 if splits.test is None else len(splits.test),
+                       config=json.loads(member.config.to_json()), devices=fit.mesh.size,
+                       versions=versions)
+        _plot_results(member, splits.test)
+        all_results.append(results)
+    return all_results
+
+
+def _plot_results(member: Member, test_set) -> None:
+    if not parallel.is_main_process():
+        return
+    reporting.plot_history(member.progress.history, member.directory)
+    if member.progress.best_epoch and test_set is not None and len(test_set):
+        best = restore_model(member.directory / layout.BEST_CHECKPOINT, member.config)
+        reporting.plot_attention(best, test_set.images[:ATTENTION_IMAGES],
+                                 member.directory / "attention.png")
+
+
+def _evaluate_best(fit: Fit, test_set) -> list[dict | None]:
+    """Each member's best checkpoint on the test split (a group's in one vmapped
+    evaluation); None for a member without a checkpoint or without a test split."""
+    has = [m.progress.best_epoch > 0 for m in fit.members]
+    if test_set is None or not len(test_set) or not any(has):
+        return [None] * len(fit.members)
+    params = [steps.split_model(restore_model(m.directory / layout.BEST_CHECKPOINT,
+                                              m.config))[1] if ok else None
+              for m, ok in zip(fit.members, has, strict=True)]
+    stand_in = next(p for p in params if p is not None)  # Evaluated, then ignored.
+    params = [stand_in if p is None else p for p in params]
+    params = group.stack(params) if fit.stacked else params[0]
+    params = parallel.put_replicated(params, fit.mesh)
+    feed = feeds.make_feed(test_set, fit.mesh, fit.data_on_device)
+    metrics = evaluate(fit.eval_step, params, fit.statistics, feed, fit.config.batch_size,
+                       fit.zero_totals(), fit.run_means)
+    return [m if ok else None for m, ok in zip(metrics, has, strict=True)]

@@ -41,6 +41,21 @@ class Examples(NamedTuple):
     mask: jax.Array
 
 
+class LossOptions(NamedTuple):
+    """What the loss needs besides the model: passed to the step builders explicitly, so a
+    step computes the loss it was built with, whatever model it is handed."""
+
+    label_smoothing: float = 0.0
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    image_shape: tuple[int, int] = (32, 32)  # (height, width) of the input: mixing boxes.
+
+    @classmethod
+    def of(cls, config: ViTConfig) -> LossOptions:
+        return cls(config.label_smoothing, config.mixup_alpha, config.cutmix_alpha,
+                   tuple(config.input_shape[:2]))
+
+
 class TrainState(struct.PyTreeNode):
     step: jax.Array  # Optimizer steps taken; per-step randomness is fold_in(rng, step).
     params: nnx.State  # The trainable weights (nnx.Param).
@@ -138,7 +153,8 @@ def step_rngs(rng: jax.Array, step: jax.Array, micro_batch: jax.Array | int) -> 
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                    mesh: Mesh | None = None, microbatch_size: int | None = None):
+                    mesh: Mesh | None = None, microbatch_size: int | None = None, *,
+                    loss: LossOptions):
     """(state, statistics, totals, *Batch) -> (state, totals), jitted.
 
     `state` is donated: its buffers are reused for the new state. With a `mesh`, the batch
@@ -147,12 +163,13 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     `lax.scan` before the one optimizer update (ViTConfig.microbatch_size says why).
     """
     # totals are not donated: the progress bar reads the previous step's while this one runs.
-    return jax.jit(train_step_function(graphdef, tx, mesh, microbatch_size), donate_argnums=0,
-                   compiler_options=compiler_options(mesh))
+    return jax.jit(train_step_function(graphdef, tx, mesh, microbatch_size, loss=loss),
+                   donate_argnums=0, compiler_options=compiler_options(mesh))
 
 
 def train_step_function(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                        mesh: Mesh | None = None, microbatch_size: int | None = None):
+                        mesh: Mesh | None = None, microbatch_size: int | None = None, *,
+                        loss: LossOptions):
     """make_train_step's step before jax.jit, for programs that transform it further (a
     group vmaps it: JAX refuses compiler_options on a nested jit)."""
 
@@ -161,16 +178,15 @@ def train_step_function(graphdef: nnx.GraphDef, tx: optax.GradientTransformation
         gradients of the micro-batches then add up to the mean gradient of the batch, as
         Keras' loss on a (partial) batch."""
         model = nnx.merge(graphdef, params, statistics)
-        config, rngs = model.config, step_rngs(state.rng, state.step, index)
+        rngs = step_rngs(state.rng, state.step, index)
         mix, label_weight = None, None
-        if config.mixup_alpha or config.cutmix_alpha:
+        if loss.mixup_alpha or loss.cutmix_alpha:
             mix, label_weight = augment.sample_mixing(
-                rngs.augment(), *config.input_shape[:2], config.mixup_alpha,
-                config.cutmix_alpha)
+                rngs.augment(), *loss.image_shape, loss.mixup_alpha, loss.cutmix_alpha)
         logits = model(micro.images, train=True, rngs=rngs, mix=mix)
-        per_example = per_example_metrics(logits, micro.labels, config.label_smoothing)
+        per_example = per_example_metrics(logits, micro.labels, loss.label_smoothing)
         if mix is not None:  # The targets mix as the images did: with the batch reversed.
-            partner = cross_entropy(logits, micro.labels[::-1], config.label_smoothing)
+            partner = cross_entropy(logits, micro.labels[::-1], loss.label_smoothing)
             per_example["loss"] = label_weight * per_example["loss"] + \
                 (1.0 - label_weight) * partner
         return jnp.sum(per_example["loss"] * micro.mask) / real_examples, per_example
@@ -226,14 +242,15 @@ def compiler_options(mesh: Mesh | None = None) -> dict[str, str]:
     return {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
 
 
-def make_eval_step(graphdef: nnx.GraphDef, mesh: Mesh | None = None):
+def make_eval_step(graphdef: nnx.GraphDef, mesh: Mesh | None = None, *,
+                   loss: LossOptions):
     """(params, statistics, totals, *Batch) -> totals, jitted."""
 
     def eval_step(params, statistics, totals: Totals, images, labels, batch_index):
         examples = gather(Batch(images, labels, batch_index), mesh)
         model = nnx.merge(graphdef, params, statistics)
         logits = model(examples.images, train=False)
-        metrics = per_example_metrics(logits, examples.labels, model.config.label_smoothing)
+        metrics = per_example_metrics(logits, examples.labels, loss.label_smoothing)
         return totals.add(metrics, examples.mask)
 
     return jax.jit(eval_step)
