@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import errno
 import re
+import signal
 import sys
 import typing
 
@@ -28,8 +29,10 @@ def integer(text: str) -> int:
 
 
 def comma_list(kind, expected: str):
-    """A flag type: comma-separated values of `kind`, as a tuple."""
+    """A flag type: comma-separated values of `kind`, as a tuple ("none": the empty one)."""
     def parse(text: str) -> tuple:
+        if text.strip().lower() == "none":
+            return ()
         try:
             return tuple(kind(part) for part in text.split(","))
         except ValueError:
@@ -38,7 +41,7 @@ def comma_list(kind, expected: str):
     return parse
 
 
-int_list = comma_list(int, "a comma-separated list of integers like 2048,1024")
+int_list = comma_list(int, "a comma-separated list of integers like 2048,1024, or none")
 float_list = comma_list(float, "a number or a comma-separated list like 1e-3,3e-4")
 
 
@@ -79,7 +82,10 @@ RUN_FLAGS = {
                     "e.g. 0,1,2,3; with comma lists for --learning-rate / --weight-decay, "
                     "every combination; runs go to WORKDIR/runs/<name>, mean +- std over "
                     "seeds to WORKDIR/summary.json"),
-    "dataset": ("cifar100", "cifar100, cifar10 or folder"),
+    "dataset": ("cifar100", "{cifar100,cifar10,folder,tfds:NAME}: CIFAR (TFDS copy, Keras' "
+                            "archive or a download), an image folder (--data-dir), or a "
+                            "prepared TFDS image-classification data set, e.g. "
+                            "tfds:imagenette"),
     "data_dir": (None, "where the data is: a CIFAR archive or prepared TFDS copy, or "
                        "PATH/train/<class>/ (and optionally PATH/test/<class>/)"),
     "workdir": ("workdir", "where config, history, checkpoints, results and figures go"),
@@ -92,10 +98,15 @@ RUN_FLAGS = {
                                   "jax.distributed)"),
     "num_processes": (None, "several processes: how many"),
     "process_id": (None, "several processes: this one's index"),
-    "init_from": (None, "fine-tune: start from the best model of this vit_flax workdir (a "
-                        "train.py run): its weights where they fit, the position embedding "
+    "init_from": (None, "fine-tune: start from a vit_flax workdir (a train.py run: its best "
+                        "model) or a Keras Hub preset directory (its config.json, "
+                        "model.weights.h5 and image converter; the model's shape flags "
+                        "come from it): its weights where they fit, the position embedding "
                         "resampled to --image-size / --patch-size, the classifier new for "
-                        "this data set's classes (README, Fine-tuning)"),
+                        "this data set's classes (docs/finetuning.md)"),
+    "data_in": ("auto", "{auto,memory,stream}: where the training images live: auto keeps "
+                        "them on the devices when they fit and streams them from the host "
+                        "otherwise; memory or stream forces one"),
     "compilation_cache": ("default", "where JAX caches compiled programs, so that a rerun "
                                      "skips most of the compile ('default': $VIT_FLAX_CACHE, "
                                      "else $XDG_CACHE_HOME/vit_flax/jax, else "
@@ -116,6 +127,7 @@ OS_ERROR_HINTS = {errno.ENOSPC: _RESUME.format("free space"),
                   errno.EDQUOT: _RESUME.format("free space"),
                   errno.EACCES: _RESUME.format("fix the permissions"),
                   errno.EROFS: _RESUME.format("make the file system writable")}
+CHOICES = {"data_in": ("auto", "memory", "stream")}
 INTEGER_FLAGS = {"train_examples", "test_examples", "keep_checkpoints", "log_every",
                  "num_processes", "process_id"}
 
@@ -136,7 +148,8 @@ def build_parser(config_class, recipes, models) -> argparse.ArgumentParser:
     add_config_flags(parser, config_class)
     for name, (default, help_text) in RUN_FLAGS.items():
         kind = int_list if name == "seeds" else integer if name in INTEGER_FLAGS else str
-        parser.add_argument(flag(name), default=default, help=help_text, type=kind)
+        parser.add_argument(flag(name), default=default, help=help_text, type=kind,
+                            choices=CHOICES.get(name))
     for name, help_text in SWITCHES.items():
         parser.add_argument(flag(name), action="store_true", help=help_text)
     return parser
@@ -183,21 +196,51 @@ def in_flags(message: str, names, switches=SWITCHES) -> str:
     return pattern.sub(replace, message)
 
 
+class Stopped(Exception):
+    """SIGTERM or SIGINT while vit_flax is imported (seconds), before its own handlers."""
+
+
+def stop(signum, _frame):
+    raise Stopped(f"{signal.Signals(signum).name}: stopped before training started; nothing "
+                  f"was written")
+
+
 def main(argv=None) -> int:
+    """train.py; SIGTERM / SIGINT before the epochs end it with one line too (from
+    vit_flax.run on, its StartupSignals; in the epochs, the loop stops at the next step)."""
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return cli(argv)
+    except Stopped as error:
+        print(f"interrupted: {error}", file=sys.stderr)
+        return 0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def cli(argv) -> int:
     import vit_flax
+    from vit_flax.infra.signals import StartupSignals
 
     args, given = parse_args(argv, vit_flax.ViTConfig, vit_flax.config.RECIPES,
                              vit_flax.config.MODELS)
     fields = [f.name for f in dataclasses.fields(vit_flax.ViTConfig) if f.metadata["flag"]]
     names = [*fields, *RUN_FLAGS, "overwrite", "allow_non_empty", "recipe", "model"]
     try:
+        if args["init_from"] is not None:  # The model's shape is the source's.
+            from vit_flax.weights import finetune
+
+            explicit = {**vit_flax.config.MODELS[args["model"]], **given}
+            given.update(finetune.source_fields(args["init_from"], explicit))
         config = configs(args, given, vit_flax.ViTConfig.recipe, vit_flax.sweep)
         run_options = {name: args[name] for name in RUN_FLAGS if name != "seeds"}
         if run_options["compilation_cache"] == "none":
             run_options["compilation_cache"] = None
-        vit_flax.run(config, **run_options,
-                     overwrite=args["overwrite"], allow_non_empty=args["allow_non_empty"],
-                     unroll_threefry=not args["no_unroll_threefry"])
+        with StartupSignals():
+            vit_flax.run(config, **run_options,
+                         overwrite=args["overwrite"], allow_non_empty=args["allow_non_empty"],
+                         unroll_threefry=not args["no_unroll_threefry"])
     except (vit_flax.ConfigError, vit_flax.DataError, vit_flax.CheckpointError) as error:
         print(f"error: {in_flags(str(error), names)}", file=sys.stderr)
         return 2

@@ -190,7 +190,7 @@ def measure(args) -> dict:
 
 
 def markdown(report: dict) -> list[str]:
-    """The report as BENCHMARKS.md's lines: a heading line, the table, the cache check."""
+    """The report as docs/benchmarks.md's lines: a heading line, the table, the cache check."""
     flops, device = report.get("flops_per_image", 0.0), report.get("device", "cpu")
     lines = [f"{report['date']}, {report['machine']}, {report['cpu_cores']} CPU cores, device "
              f"{device}; float32 matmul peak {report['matmul_peak_gflops']:.1f} GFLOP/s; "

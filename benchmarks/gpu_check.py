@@ -22,15 +22,14 @@ OUTPUT/gpu_check.md.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 import xml.etree.ElementTree as ElementTree
-from collections import defaultdict
 from pathlib import Path
 
 import benchmark as bench
@@ -85,24 +84,14 @@ def benchmark(plan: dict, work: Path, env: dict) -> dict:
     return parts
 
 
-def unpack(tarball: Path, output: Path, per_class: tuple[int | None, int]) -> None:
-    """train/<class>/*.jpg -> output/{train,test}/<class>/: the first `test` files (by
-    sorted name) of each class to test/, then at most `train` of the rest to train/."""
-    train_count, test_count = per_class
-    with tarfile.open(tarball) as tar:
-        by_class = defaultdict(list)
-        for member in tar.getmembers():
-            if member.isfile():
-                by_class[Path(member.name).parts[-2]].append(member)
-        for name, members in sorted(by_class.items()):
-            members.sort(key=lambda member: member.name)
-            test, train = members[:test_count], members[test_count:][:train_count]
-            for split, chosen in (("test", test), ("train", train)):
-                folder = output / split / name
-                folder.mkdir(parents=True, exist_ok=True)
-                for member in chosen:
-                    (folder / Path(member.name).name).write_bytes(
-                        tar.extractfile(member).read())
+def load_splitter():
+    """scripts/split_image_tarball.py as a module: one unpacker, which refuses a member that
+    could be written outside its folder (scripts/ is not a package, so by path)."""
+    spec = importlib.util.spec_from_file_location("split_image_tarball",
+                                                  REPO / "scripts" / "split_image_tarball.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def config_flags(config: str | None) -> list[str]:
@@ -120,7 +109,11 @@ def epoch(plan: dict, work: Path, env: dict, tarball: Path = TARBALL) -> dict:
         return {"status": "skipped", "reason": f"{tarball} not found"}
     images, workdir = work / "cifar10", work / "epoch"
     started = time.perf_counter()
-    unpack(tarball, images, plan["per_class"])
+    splitter, (train_count, test_count) = load_splitter(), plan["per_class"]
+    try:
+        splitter.split(tarball, images, test_count, train_count)
+    except splitter.UnsafeMember as error:  # Nothing written; no epoch.
+        return {"status": "refused", "reason": str(error)}
     part = run_part([sys.executable, "train.py", "--dataset", "folder", "--data-dir",
                      str(images), "--epochs", "1", "--batch-size", str(plan["batch_size"]),
                      "--workdir", str(workdir), "--compilation-cache", "none",

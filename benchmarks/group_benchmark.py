@@ -14,7 +14,7 @@ runs in its own process, so none profits from another's compiled programs or imp
   memory  the compiled group step's memory_analysis() for 1, 2, 4, 8 runs, and the solo
           step's (steps.make_train_step) beside it
   agreement  (--agreement) tests/conftest.py's TINY config, 2 seeds, 2 epochs, the data of
-          tests/test_group.py: each run of the group against its solo run, on 1 and on 2
+          tests/training/test_group.py: each run of the group against its solo run, on 1 and on 2
           (simulated CPU) devices: the largest difference of each metric, and the
           seed-to-seed difference of the solo runs beside it
   steps   (--steps) the train step alone, seconds per step after a warm-up one, on 2,048

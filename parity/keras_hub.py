@@ -15,9 +15,10 @@ import keras
 import keras_hub
 import numpy as np
 
-from parity.convert import WeightMismatchError
-from vit_flax.models.hub_vit import ViTHub, ViTHubConfig, abstract_model
+from vit_flax.models.factory import abstract_model, check_filled
+from vit_flax.models.hub_vit import ViTHub, ViTHubConfig
 from vit_flax.weights import keras_hub as pretrained
+from vit_flax.weights.keras_h5 import WeightMismatchError
 
 
 def _parts(model):
@@ -53,5 +54,4 @@ def keras_hub_to_flax(model) -> ViTHub:
     flax_model = abstract_model(config)
     for entry in table:
         pretrained.write(flax_model, entry, np.asarray(variables[entry.keras].numpy()))
-    pretrained.check_filled(flax_model)
-    return flax_model
+    return check_filled(flax_model, WeightMismatchError)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import h5py
@@ -25,12 +27,34 @@ TINY_FLAGS = ["--input-size", "8", "--image-size", "12", "--patch-size", "4",
               "--mlp-head-units", "16,8", "--batch-size", "8"]
 
 
+SHARED_CACHE = "VIT_FLAX_TEST_CACHE"  # The session's compilation cache, for every worker.
+
+
+def pytest_configure(config):
+    """One JAX compilation cache for the whole test session, made by the controlling
+    process before pytest-xdist starts its workers (they inherit the variable): the tests
+    compile the same tiny programs again and again (a train step per trained run), and
+    from the second time on each worker loads them instead. Never the user's ~/.cache."""
+    if SHARED_CACHE not in os.environ:
+        os.environ[SHARED_CACHE] = tempfile.mkdtemp(prefix="vit_flax-test-jax-cache-")
+        config.vit_flax_cache_owner = True
+
+
+def pytest_unconfigure(config):
+    if getattr(config, "vit_flax_cache_owner", False):
+        shutil.rmtree(os.environ.pop(SHARED_CACHE), ignore_errors=True)
+
+
 @pytest.fixture(autouse=True, scope="session")
-def compilation_cache_in_a_temporary_folder(tmp_path_factory):
-    """Runs that go through vit_flax.run (train.py) cache compiled programs; in tests, in a
-    temporary folder (subprocesses inherit it), never in the user's ~/.cache."""
+def compilation_cache_for_the_session():
+    """Every program this process compiles goes through the session's cache; runs that go
+    through vit_flax.run (train.py, in this process or a subprocess) use the same folder."""
+    import jax
+
     previous = os.environ.get("VIT_FLAX_CACHE")
-    os.environ["VIT_FLAX_CACHE"] = str(tmp_path_factory.mktemp("jax-cache"))
+    os.environ["VIT_FLAX_CACHE"] = os.environ[SHARED_CACHE]
+    jax.config.update("jax_compilation_cache_dir", os.environ[SHARED_CACHE])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     yield
     if previous is None:
         os.environ.pop("VIT_FLAX_CACHE", None)

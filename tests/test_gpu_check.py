@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import tarfile
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -52,3 +53,29 @@ def test_reduced_gpu_check_runs_every_part_and_reports(tmp_path):
     assert counts["tests"] > 0 and counts["failures"] == counts["errors"] == 0
     markdown = (tmp_path / "gpu_check.md").read_text()
     assert markdown.startswith("# gpu_check (reduced)") and "## one CIFAR-10 epoch" in markdown
+
+
+def test_the_epoch_part_refuses_a_tarball_member_outside_its_folder(tmp_path, monkeypatch):
+    # The unpacking is scripts/split_image_tarball.py's (tests/infra/test_untrusted.py has
+    # each kind of member); here, that gpu_check uses it and reports the refusal.
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import gpu_check
+
+    escape = Path("/", f"vit_flax-test-{uuid.uuid4().hex}.jpg")
+    tarball = jpeg_tarball(tmp_path / "images.tar.gz", classes=2, per_class=6)
+    with tarfile.open(tarball) as tar:
+        members = [(member, tar.extractfile(member).read()) for member in tar.getmembers()]
+    with tarfile.open(tarball, "w:gz") as tar:
+        hostile = tarfile.TarInfo(str(escape))
+        hostile.size = 1
+        for member, content in [*members, (hostile, b"x")]:
+            tar.addfile(member, io.BytesIO(content))
+    try:
+        part = gpu_check.epoch(gpu_check.REDUCED, tmp_path, {}, tarball)
+        assert not escape.exists()
+    finally:
+        escape.unlink(missing_ok=True)
+    assert part == {"status": "refused", "reason": (
+        f"tarball member {str(escape)!r} points outside the archive (an absolute path or "
+        f"'..'); expected train/<class>/<file>")}
+    assert not (tmp_path / "cifar10").exists() and not (tmp_path / "epoch").exists()

@@ -60,7 +60,7 @@ def test_each_epoch_trains_on_its_own_permutation(tmp_path, monkeypatch):
     monkeypatch.setattr(feeds.DeviceFeed, "batches", recording_batches)
     splits = data.from_arrays(random_images(16, 8, seed=1), np.arange(16) % 3,
                               random_images(5, 8, seed=2), np.arange(5) % 3)
-    vit_flax.train(config, splits, tmp_path, log=lambda _: None, data_on_device=True)
+    vit_flax.train(config, splits, tmp_path, log=lambda _: None, data_in="memory")
 
     # The other calls: the compile example (8 zeros), validation (4 rows), the test split (5).
     trained = [(order, np.concatenate(rows)) for order, rows in yielded
@@ -211,3 +211,75 @@ def test_layer_norms_use_the_seeds_epsilon(where):
     # float32 over 8 features on zero-mean tokens: a few ulp of outputs below ~2.4 (ulp
     # 2.4e-7), measured 1.9e-7; 1e-5 absolute leaves room. Epsilon 1e-5 moves them by 1.13.
     np.testing.assert_allclose(np.asarray(layer_norm(tokens)), expected, rtol=0, atol=1e-5)
+
+
+# --- the second mutation pass (issue 24) ----------------------------------------------------
+
+def test_the_train_and_eval_steps_compute_the_label_smoothed_loss():
+    # Mutant: the step ignores label_smoothing (cross_entropy alone is tested elsewhere).
+    # Dropout off, zero rotation/zoom and mirror-symmetric images: the augmentation is an
+    # identity, so the step's loss is the smoothed cross-entropy of the model's logits.
+    config = vit_flax.ViTConfig(**TINY, label_smoothing=0.2, attention_dropout=0.0,
+                                dropout=0.0, head_dropout=0.0, rotation_factor=0.0,
+                                zoom_factor=0.0)
+    half = random_images(8, 8, seed=3)[:, :, :4]
+    images = jnp.asarray(np.concatenate([half, half[:, :, ::-1]], axis=2))
+    labels = jnp.arange(8) % 3
+    graphdef, params, statistics = steps.split_model(create_model(config, images))
+    logits = nnx.merge(graphdef, params, statistics)(images)
+    smoothed = float(jnp.mean(steps.cross_entropy(logits, labels, 0.2)))
+    plain = float(jnp.mean(steps.cross_entropy(logits, labels)))
+    assert abs(smoothed - plain) > 1e-3  # The test can tell the two apart.
+    loss = steps.LossOptions.of(config)
+    rows = jnp.arange(8, dtype=jnp.int32)
+    evaluated = steps.make_eval_step(graphdef, loss=loss)(params, statistics,
+                                                          steps.Totals.zero(), images, labels,
+                                                          rows)
+    tx = optax.sgd(0.0)
+    train_step = steps.make_train_step(graphdef, tx, loss=loss)
+    _, trained = train_step(steps.TrainState.create(params, tx, config), statistics,
+                            steps.Totals.zero(), images, labels, rows)
+    # float32 round-off of differently fused programs: 1e-5 relative.
+    assert evaluated.means()["loss"] == pytest.approx(smoothed, rel=1e-5)
+    assert trained.means()["loss"] == pytest.approx(smoothed, rel=1e-5)
+
+
+@pytest.mark.parametrize("padding", [0, 4])
+def test_the_strong_recipes_crop_is_taken_in_training(padding):
+    # Mutant: the crop is never taken (every other test config has crop_padding=0). White
+    # images, identity normalization, no resize, rotation or zoom: a crop of the zero-padded
+    # image shows black borders, and only a crop does.
+    config = vit_flax.ViTConfig(**{**TINY, "image_size": 8}, crop_padding=padding,
+                                rotation_factor=0.0, zoom_factor=0.0)
+    augmentation = model.DataAugmentation(config)
+    images = jnp.full((8, 8, 8, 3), 255.0)
+    out = augmentation(images, train=True, rngs=nnx.Rngs(augment=7))
+    assert bool((out == 0).any()) == bool(padding)
+    np.testing.assert_array_equal(augmentation(images, train=False, rngs=None), images)
+
+
+def test_sigterm_is_honoured_at_the_next_step_not_at_the_end_of_the_epoch(tmp_path,
+                                                                        monkeypatch):
+    # Mutant: the stop flag read only between epochs (the saved state is the same either
+    # way, so only the number of steps taken after the signal tells).
+    import os
+    import signal
+
+    batches = feeds.DeviceFeed.batches
+    served = []
+
+    def counting(self, order, batch_size):
+        for i, batch in enumerate(batches(self, order, batch_size)):
+            served.append(i)
+            if i == 2 and order.size > 8:  # Training (not validation): 8 steps an epoch.
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield batch
+
+    monkeypatch.setattr(feeds.DeviceFeed, "batches", counting)
+    config = vit_flax.ViTConfig(**TINY, epochs=1, validation_split=0.0)
+    splits = data.from_arrays(random_images(64, 8), np.arange(64) % 3)
+    with pytest.raises(vit_flax.Interrupted, match="SIGTERM: stopped in epoch 1"):
+        vit_flax.train(config, splits, tmp_path, log=lambda _: None)
+    # The signal came while batch 2 was being served (after the compile's example batch 0):
+    # the loop stops before stepping on it, and fetches nothing more of the 8.
+    assert served == [0, 0, 1, 2]

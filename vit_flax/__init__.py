@@ -7,6 +7,7 @@ process-wide speed settings are applied by `run` (and so train.py), see vit_flax
 from vit_flax.config import ConfigError, ViTConfig
 from vit_flax.data.sources import DataError
 from vit_flax.inference.analysis import attention_heatmaps, attention_maps, features
+from vit_flax.inference.classify import classify
 from vit_flax.inference.predict import load, predict
 from vit_flax.infra.checkpoints import CheckpointError
 from vit_flax.infra.signals import Interrupted
@@ -19,7 +20,8 @@ from vit_flax.training.run import run
 from vit_flax.weights.keras_hub import load_pretrained
 
 __all__ = ["CheckpointError", "ConfigError", "DataError", "Interrupted", "ViT", "ViTConfig",
-           "ViTHub", "ViTHubConfig", "attention_heatmaps", "attention_maps", "create_model",
+           "ViTHub", "ViTHubConfig", "attention_heatmaps", "attention_maps", "classify",
+           "create_model",
            "features", "load",
            "load_pretrained", "predict", "run", "sweep", "train", "train_group"]
 __version__ = "0.1.0"

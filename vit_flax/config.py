@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 from typing import Literal, get_args
 
 Architecture = Literal["seed", "standard"]
@@ -54,6 +55,10 @@ class ViTConfig:
     projection_dim: int = _field(64, "width of every token")
     num_heads: int = _field(4, "attention heads; Keras' key_dim is projection_dim, per head")
     transformer_layers: int = _field(8, "pre-norm transformer blocks")
+    mlp_dim: int = _field(
+        0, "width of each block MLP's hidden Dense; 0: its architecture's, 2 x "
+        "projection_dim for the seed, 4 x for the standard ViT (a Keras Hub preset may have "
+        "another)")
     mlp_head_units: tuple[int, ...] = _field(
         (2048, 1024), "Dense widths of the classifier MLP, a comma list")
     head: Head = _field("flatten", "how tokens become one vector: flatten (the seed), "
@@ -100,10 +105,25 @@ class ViTConfig:
     def __post_init__(self):
         if isinstance(self.mlp_head_units, list):
             object.__setattr__(self, "mlp_head_units", tuple(self.mlp_head_units))
+        self._check_floats()
         self._check_sizes()
+        if self.mlp_dim == self.default_mlp_dim:  # One spelling per model: equal configs.
+            object.__setattr__(self, "mlp_dim", 0)
         self._check_choices_and_rates()
         self._check_training()
         self._check_standard()
+
+    def _check_floats(self):
+        """Every float field a finite number first: NaN passes no comparison, so a range
+        check alone would let it through (a NaN LayerNorm epsilon trains NaN)."""
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(field.default, float) and (
+                    isinstance(value, bool) or not isinstance(value, numbers.Real)
+                    or not math.isfinite(value)):
+                raise ConfigError(f"{field.name} must be finite, got {value!r}")
+        if self.layer_norm_epsilon <= 0:
+            raise ConfigError(f"layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon}")
 
     def _check_sizes(self):
         positive = ("num_classes", "input_size", "channels", "image_size", "patch_size",
@@ -113,6 +133,10 @@ class ViTConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.mlp_dim, int) or isinstance(self.mlp_dim, bool) \
+                or self.mlp_dim < 0:
+            raise ConfigError(f"mlp_dim must be an integer >= 0 (0: the architecture's), got "
+                              f"{self.mlp_dim!r}")
         if self.image_size % self.patch_size:
             nearest = max(self.image_size // self.patch_size, 1) * self.patch_size
             raise ConfigError(
@@ -197,10 +221,14 @@ class ViTConfig:
 
     @property
     def transformer_units(self) -> tuple[int, int]:
-        """The block MLP's widths: [2 * dim, dim] as in the seed; [4 * dim, dim] for the
-        standard ViT (the ViT paper's, every named size's)."""
-        factor = 4 if self.architecture == "standard" else 2
-        return (factor * self.projection_dim, self.projection_dim)
+        """The block MLP's widths: [mlp_dim, dim]; by default [2 * dim, dim] as in the seed,
+        [4 * dim, dim] for the standard ViT (the ViT paper's, every named size's)."""
+        return (self.mlp_dim or self.default_mlp_dim, self.projection_dim)
+
+    @property
+    def default_mlp_dim(self) -> int:
+        """The block MLP's hidden width when mlp_dim is 0."""
+        return (4 if self.architecture == "standard" else 2) * self.projection_dim
 
     @classmethod
     def recipe(cls, name: str, model: str = "seed", **fields) -> ViTConfig:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -83,3 +85,24 @@ def test_load_of_a_foreign_config_json_is_one_line_naming_the_file(tmp_path, tex
         vit_flax.load(tmp_path)
     assert str(raised.value).startswith(f"{tmp_path / 'config.json'}: {expected}")
     assert "\n" not in str(raised.value)
+
+
+def test_a_batch_size_above_the_image_count_is_clamped(model, monkeypatch):
+    """Issue 24 item 8: predict(x, batch_size=10**9) asked for 179 GiB of padding. The
+    compiled batch is the number of images; 10**6 would have padded 192 MB here."""
+    # The module, not the package's attribute of the same name (the function).
+    predict_module = importlib.import_module("vit_flax.inference.predict")
+
+    images = random_images(3, 8)
+    expected = vit_flax.predict(model, images, batch_size=2)
+    shapes, original = [], predict_module.forward
+
+    def recording(graphdef, state, images):
+        shapes.append(images.shape)
+        assert images.shape == (3, 8, 8, 3)  # Before running 10**6 padded images.
+        return original(graphdef, state, images)
+
+    monkeypatch.setattr(predict_module, "forward", recording)
+    logits = vit_flax.predict(model, images, batch_size=10**6)
+    assert shapes == [(3, 8, 8, 3)]
+    np.testing.assert_allclose(logits, expected, rtol=1e-6, atol=1e-6)

@@ -591,3 +591,32 @@ def test_training_resumes_from_the_last_good_epoch(trained, tmp_path, template):
     assert results["test_accuracy"] == expected["test_accuracy"]
     assert sorted(os.listdir(run_state)) == ["1", "2", "3"]
 
+
+
+def test_save_model_deletes_no_entry_but_its_own_temporaries(best, models):
+    # A name like orbax's partial write of the new model, but not one orbax gives: the
+    # user's (a workdir may hold the user's files), never deleted.
+    mine = best.with_name(best.name + checkpoints.STAGED_SUFFIX + ".orbax-checkpoint-tmp-mine")
+    (mine / "notes").mkdir(parents=True)
+    (mine / "notes" / "a.txt").write_text("mine\n")
+    checkpoints.save_model(best, models[2])
+    assert (mine / "notes" / "a.txt").read_text() == "mine\n"
+    assert sorted(os.listdir(best.parent)) == ["best_checkpoint", mine.name]
+
+
+def test_a_run_state_step_that_is_a_symbolic_link_is_refused_naming_it(run_state, tmp_path,
+                                                                      template):
+    elsewhere = Path(shutil.move(run_state / "2", tmp_path / "elsewhere"))
+    (run_state / "2").symlink_to(elsewhere, target_is_directory=True)
+    before = files_of(elsewhere)
+    message = (f"{run_state / '2'} is a symbolic link; vit_flax never follows links in its run "
+               f"state: remove it (what it points to is left as it is), then run the same "
+               f"command again")
+    with pytest.raises(CheckpointError, match=f"^{re.escape(message)}$"):
+        RunCheckpoints(run_state, 2, log=pytest.fail)
+    (run_state / "2").unlink()
+    run_state.rename(tmp_path / "real")
+    run_state.symlink_to(tmp_path / "real", target_is_directory=True)  # run_state itself.
+    with pytest.raises(CheckpointError, match=f"^{re.escape(str(run_state))} is a symbolic"):
+        RunCheckpoints(run_state, 2, log=pytest.fail)
+    assert files_of(elsewhere) == before and (run_state / "1" / MANIFEST).is_file()

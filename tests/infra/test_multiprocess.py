@@ -4,6 +4,7 @@ with one line instead of a hang."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -101,6 +102,7 @@ def test_two_processes_train_as_one_process_with_their_devices(shared, tmp_path)
     single = start(shared, tmp_path / "single", 4, "--epochs", "2")
     (out0, _), (out1, _), (single_out, _) = (finish(p) for p in (*pair, single))
     assert "Epoch 2/2" in out0 and "Epoch" not in out1 and "Epoch 2/2" in single_out
+    assert service_processes(port) == []  # Process 0's coordination service ended with it.
     # Process 0 writes the run's files, process 1 none of them.
     assert {".vit_flax-run.json", "config.json", "history.json", "results.json", "loss.png",
             "patches.png"} <= set(run_files(out0))
@@ -181,3 +183,119 @@ def test_a_second_process_loads_its_programs_from_the_compilation_cache(shared, 
     assert first["hits"] == 0 and first["misses"] == len(entries[0])
     assert second["misses"] == 0 and second["hits"] == first["misses"]
     assert entries[1] == entries[0]
+
+
+# --- Starting: each failure is one line within a bounded time, in every process.
+
+# Starts JAX's distributed runtime as process argv[2] of 2 (coordinator argv[1]), then
+# checks the settings twice: alike, then with process 1's seed changed.
+STARTED_ALIKE = """
+import sys
+from vit_flax.config import ConfigError
+from vit_flax.infra import runtime
+index = int(sys.argv[2])
+runtime.start_distributed(sys.argv[1], 2, index)
+same = {"config": {"seed": 0, "epochs": 2}, "workdir": "/w", "train_examples": None}
+runtime.check_started_alike(same)
+print("alike", flush=True)
+try:
+    runtime.check_started_alike({**same, "config": {"seed": index, "epochs": 2}})
+except ConfigError as error:
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
+"""
+
+
+def python(code: str, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", code, *args], cwd=REPO,
+                            env=dict(os.environ, JAX_PLATFORMS="cpu"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def service_processes(port: int) -> list[int]:
+    """The pids of runtime.SERVICE processes serving on `port`."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            arguments = cmdline.read_bytes().split(b"\0")
+            if runtime.SERVICE.encode() in arguments and str(port).encode() in arguments:
+                found.append(int(cmdline.parent.name))
+    return found
+
+
+def test_processes_started_with_other_settings_each_end_with_one_line():
+    port = free_port()
+    pair = [python(STARTED_ALIKE, f"localhost:{port}", str(index)) for index in (0, 1)]
+    for process in pair:
+        stdout, stderr = process.communicate(timeout=300)
+        # The first check passed in both (gloo may log to stdout afterwards).
+        assert (process.returncode, stdout.splitlines()[0]) == (2, "alike"), stderr[-3000:]
+        assert stderr.strip().splitlines()[-1] == (
+            "error: process 1 was started with other settings than process 0: seed=1 vs 0; "
+            "start every process with the same flags")
+        assert "Traceback" not in stderr and "Check failure" not in stderr
+    # They left in order: process 0's coordination service stopped with it.
+    assert service_processes(port) == []
+
+
+# Process argv[2] of 2; once both are up, process 0 is killed (SIGKILL, by itself).
+COORDINATOR_KILLED = """
+import os, sys, time
+from vit_flax.infra import runtime
+index = int(sys.argv[2])
+runtime.start_distributed(sys.argv[1], 2, index)
+print("up", flush=True)
+if index == 0:
+    time.sleep(2)
+    os.kill(os.getpid(), 9)
+time.sleep(600)
+"""
+
+
+def test_losing_process_0_ends_the_others_with_one_line():
+    port = free_port()
+    pair = [python(COORDINATOR_KILLED, f"localhost:{port}", str(index)) for index in (0, 1)]
+    _, stderr = pair[1].communicate(timeout=300)
+    pair[0].wait(timeout=60)
+    assert (pair[0].returncode, pair[1].returncode) == (-signal.SIGKILL, 1), stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == (
+        f"error: process 0 of this 2-process run stopped (no heartbeat for "
+        f"{runtime.HEARTBEAT_TIMEOUT_SECONDS} s), so this one stops too; start every process "
+        f"again to resume")
+    assert "Traceback" not in stderr and "Check failure" not in stderr
+    # Its coordination service outlived it for them (it ends by itself 30 s after their
+    # verdict; not waited for here).
+    for pid in service_processes(port):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+# Process 0 of 2 on argv[1], a port in use (a one-line error), then on argv[2], alone.
+ALONE = """
+import sys
+from vit_flax.config import ConfigError
+from vit_flax.infra import runtime
+try:
+    runtime.start_distributed(sys.argv[1], 2, 0)
+except ConfigError as error:
+    print(f"error: {error}", flush=True)
+runtime.start_distributed(sys.argv[2], 2, 0, initialization_timeout=3)
+"""
+
+
+def test_process_0_on_a_busy_port_or_alone_ends_with_one_line():
+    with socket.socket(socket.AF_INET6) as busy:
+        busy.bind(("::", 0))
+        busy.listen()
+        taken, address = f"localhost:{busy.getsockname()[1]}", f"localhost:{free_port()}"
+        alone = python(ALONE, taken, address)
+        stdout, stderr = alone.communicate(timeout=120)  # Not JAX's 300 s, then an abort.
+    assert alone.returncode == 1, stderr[-3000:]
+    assert stdout.splitlines()[0] == (
+        f"error: coordinator_address={taken}: process 0 cannot serve there (UNKNOWN: Failed "
+        f"to start RPC server); give a free port")
+    assert stderr.strip().splitlines()[-1] == (
+        f"error: process 0 of 2 waited 3 s for the others to connect to {address}, and not "
+        f"all of them did; start all 2 processes with the same coordinator address and "
+        f"number of processes")
+    assert "Traceback" not in stderr and "Check failure" not in stderr

@@ -198,9 +198,9 @@ def test_streaming_from_the_host_trains_like_data_on_the_device(tmp_path):
                               labels[:12])
     quiet = lambda _: None  # noqa: E731
     on_device = vit_flax.train(config, splits, tmp_path / "device", log=quiet,
-                               data_on_device=True)
+                               data_in="memory")
     streamed = vit_flax.train(config, splits, tmp_path / "host", log=quiet,
-                              data_on_device=False)
+                              data_in="stream")
     device_history = json.loads((tmp_path / "device" / "history.json").read_text())
     host_history = json.loads((tmp_path / "host" / "history.json").read_text())
     # The same batches, keys and arithmetic; only where the gather happens differs. The

@@ -10,7 +10,9 @@ import textwrap
 
 import jax
 import numpy as np
+import pytest
 
+from vit_flax.config import ConfigError
 from vit_flax.infra import runtime
 
 # Imports vit_flax, builds a model and compiles its train step, and reports whether the
@@ -30,7 +32,7 @@ UNTOUCHED = textwrap.dedent("""
     graphdef, params, statistics = steps.split_model(vit_flax.create_model(config))
     tx = optim.keras_adamw(1e-3, 1e-4)
     state = steps.TrainState.create(params, tx, config)
-    step = steps.make_train_step(graphdef, tx)
+    step = steps.make_train_step(graphdef, tx, loss=steps.LossOptions.of(config))
     import jax.numpy as jnp
     images = jnp.zeros((8, 8, 8, 3), jnp.uint8)
     step.lower(state, statistics, steps.Totals.zero(), images, jnp.zeros(8, jnp.int32),
@@ -68,3 +70,53 @@ def test_unrolled_threefry_hash_keeps_its_known_answers():
         assert tuple(int(x) for x in hash_pair(key, count)) == expected
         if jax.default_backend() == "cpu":  # The rounds are written out: no loop left.
             assert "while" not in hash_pair.lower(key, count).as_text()
+
+
+ADDRESS = "localhost:12345"
+
+
+@pytest.mark.parametrize("address, count, index, message", [
+    (ADDRESS, 2, 5, "process_id=5 is not one of the num_processes=2 processes: give 0 to 1"),
+    (ADDRESS, 2, -1, "process_id=-1 is not one of the num_processes=2 processes: give 0 to 1"),
+    (ADDRESS, 0, 0, "num_processes=0: give how many processes, at least 1"),
+    ("localhost", 2, 0, "coordinator_address=localhost: expected HOST:PORT, the address of "
+                        "process 0 and a free port on it (like localhost:12345)"),
+    ("localhost:http", 2, 0, "coordinator_address=localhost:http: expected HOST:PORT, the "
+                             "address of process 0 and a free port on it (like "
+                             "localhost:12345)"),
+    (None, 2, None, "num_processes needs coordinator_address (HOST:PORT of process 0) to start "
+                    "several processes; give coordinator_address too, or none of them to "
+                    "train as one process"),
+    (None, None, 1, "process_id needs coordinator_address (HOST:PORT of process 0) to start "
+                    "several processes; give coordinator_address too, or none of them to "
+                    "train as one process"),
+    (ADDRESS, None, None, "coordinator_address needs num_processes and process_id too (how "
+                          "many processes, and which one this is)"),
+    (ADDRESS, 2, None, "coordinator_address needs num_processes and process_id too (how many "
+                       "processes, and which one this is)"),
+], ids=["id-too-big", "id-negative", "no-processes", "no-port", "named-port",
+        "count-alone", "id-alone", "address-alone", "no-id"])
+def test_a_wrong_multi_process_start_is_a_one_line_error_naming_the_options(
+        address, count, index, message):
+    # Checked before JAX is touched: nothing starts, and the process stays a single one.
+    with pytest.raises(ConfigError) as refused:
+        runtime.start_distributed(address, count, index)
+    assert str(refused.value) == message
+    assert runtime._watch is None
+
+
+def test_no_multi_process_option_starts_nothing():
+    assert runtime.check_distributed_options(None, None, None) is False
+    assert runtime.start_distributed(None, None, None) is False
+    assert runtime.check_distributed_options(ADDRESS, 2, 1) is True
+
+
+def test_the_first_differing_setting_is_named_by_its_innermost_key():
+    # A group's configs are a list of dicts: the run's field is named, not the list.
+    started = {"configs": [{"seed": 0, "learning_rate": 0.001}, {"seed": 1}], "workdir": "/w"}
+    assert runtime._difference(started, started) is None
+    other = {"configs": [{"seed": 0, "learning_rate": 0.001}, {"seed": 2}], "workdir": "/v"}
+    assert runtime._difference(other, started) == ("seed", 2, 1)
+    assert runtime._difference({"init_from": None}, {"init_from": "/a"}) == (
+        "init_from", None, "/a")
+    assert runtime._shown(None) == "none" and runtime._shown("/a") == "/a"

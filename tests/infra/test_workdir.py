@@ -58,7 +58,8 @@ def test_overwrite_deletes_only_what_vit_flax_wrote(tmp_path, splits, config):
     assert_intact(tmp_path, mine)
     assert json.loads((tmp_path / "config.json").read_text())["learning_rate"] == 0.01
     expected = {"best_checkpoint", "run_state", "tensorboard", "config.json", "history.json",
-                "results.json", "loss.png", "top-5-accuracy.png", "patches.png", "attention.png",
+                "results.json", "data.json", "loss.png", "top-5-accuracy.png", "patches.png",
+                "attention.png",
                 layout.MARKER, layout.LOCK, "notes.txt", "src", "README", "deep"}
     assert {p.name for p in tmp_path.iterdir()} == expected
 
@@ -76,7 +77,7 @@ def test_a_directory_that_is_not_a_run_is_refused_and_never_deleted(tmp_path, sp
     assert layout.is_run(tmp_path)
 
 
-@pytest.mark.parametrize("name", ["history.json", "results.json", "config.json"])
+@pytest.mark.parametrize("name", ["history.json", "results.json", "config.json", "data.json"])
 def test_a_users_file_of_a_run_name_is_never_overwritten(tmp_path, splits, config, name):
     (tmp_path / name).write_text("the user's own\n")
     with pytest.raises(vit_flax.ConfigError, match=f"holds {name}, which a run would overwrite"):
@@ -133,19 +134,20 @@ def test_a_second_trainer_is_refused_naming_the_holder(tmp_path, splits, config)
 
 def test_a_trainer_half_way_through_its_claim_is_in_use_not_a_stranger(tmp_path, splits,
                                                                         config):
-    # The holder has taken the lock and is writing its marker (only the .tmp is there):
-    # a second trainer must say "in use", not "not empty and not a vit_flax run".
+    # The holder has taken the lock and is writing its marker (only its temporary is
+    # there): a second trainer must say "in use", not "not empty and not a vit_flax run".
     run = tmp_path / "run"
     run.mkdir()
     with layout.Lock(run):
-        (run / (layout.MARKER + ".tmp")).write_text("{")
+        partial, descriptor = layout.temporary_file(run / layout.MARKER)
+        os.close(descriptor)
         with pytest.raises(vit_flax.ConfigError, match=f"in use by .*pid {os.getpid()}"):
             vit_flax.train(config, splits, run, log=QUIET)
-    assert sorted(p.name for p in run.iterdir()) == sorted([layout.LOCK, layout.MARKER + ".tmp"])
+    assert sorted(p.name for p in run.iterdir()) == sorted([layout.LOCK, partial.name])
 
 
 def test_the_lock_is_released_when_its_process_dies(tmp_path):
-    code = ("import sys, os; from pathlib import Path; from vit_flax import workdir; "
+    code = ("import sys, os; from pathlib import Path; from vit_flax.infra import workdir; "
             "workdir.Lock(Path(sys.argv[1])).__enter__(); os._exit(0)")
     subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, timeout=120)
     with layout.Lock(tmp_path):  # Not held by a dead process: the kernel released it.
@@ -162,3 +164,36 @@ def test_processes_of_one_run_probe_the_workdir_at_once(tmp_path):
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         list(pool.map(probe_often, range(4)))
     assert list(tmp_path.iterdir()) == []  # And the probes leave nothing behind.
+
+
+def test_deleting_the_lock_file_does_not_let_a_second_trainer_in(tmp_path):
+    # The directory itself is locked too: a deleted (or replaced) LOCK changes nothing.
+    with layout.Lock(tmp_path):
+        (tmp_path / layout.LOCK).unlink()
+        for attempt in (layout.Lock(tmp_path).__enter__, layout.Lock(tmp_path).refuse_if_held):
+            with pytest.raises(vit_flax.ConfigError) as refused:
+                attempt()
+            assert str(refused.value) == (
+                f"workdir={tmp_path} is in use by another training process (pid unknown); "
+                f"wait for it or use another workdir")
+    with layout.Lock(tmp_path):  # Released with the first: the next one takes it.
+        assert (tmp_path / layout.LOCK).read_text() == f"{os.getpid()}\n"
+
+
+def test_the_run_marker_has_a_format_and_a_newer_one_is_refused(tmp_path, config):
+    assert not layout.claim(tmp_path, config)
+    marker = json.loads((tmp_path / layout.MARKER).read_text())
+    assert marker["format"] == layout.FORMAT == 2
+    del marker["format"]  # As the previous version wrote it (format 1): it resumes.
+    (tmp_path / layout.MARKER).write_text(json.dumps(marker))
+    assert layout.check_claim(tmp_path, config) == "resume"
+    for newer, error in ((3, f"workdir={tmp_path} was written by a newer vit_flax (format 3); "
+                             f"this one reads formats 1-2: use that version, or another "
+                             f"workdir"),
+                         ("2", f"workdir={tmp_path}: its run marker {layout.MARKER} is "
+                               f"unreadable (format '2'); use another workdir")):
+        (tmp_path / layout.MARKER).write_text(json.dumps({**marker, "format": newer}))
+        for overwrite in (False, True):  # Never deleted either: it may be another's run.
+            with pytest.raises(vit_flax.ConfigError) as refused:
+                layout.check_claim(tmp_path, config, overwrite=overwrite)
+            assert str(refused.value) == error

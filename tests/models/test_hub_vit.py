@@ -10,11 +10,11 @@ import scipy.ndimage
 from flax import nnx
 
 from vit_flax.config import ConfigError
+from vit_flax.models.factory import abstract_model
 from vit_flax.models.hub_vit import (
     SIZES,
     ViTHub,
     ViTHubConfig,
-    abstract_model,
     conv_kernel_init,
     count_params,
     resample_posemb,
@@ -186,10 +186,8 @@ def test_resample_posemb_is_big_visions_scipy_zoom():
 @pytest.mark.parametrize("name", list(SIZES))
 def test_each_model_name_trains_the_keras_hub_classifier_of_that_size(name):
     from vit_flax import ViTConfig
-    from vit_flax.models import abstract_model as abstract_of
-
     config = ViTConfig.recipe("keras", model=name, num_classes=1000)
-    model = abstract_of(config)
+    model = abstract_model(config)
     assert type(model).__name__ == "StandardViT"
     # The Normalization's statistics are not trained parameters, as in Keras.
     assert count_params(model) == KERAS_HUB_PARAMS[name][1]

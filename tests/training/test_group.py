@@ -214,7 +214,7 @@ def test_two_devices_train_the_group_like_one(grouped, tmp_path):
     report = json.loads(completed.stdout.strip().splitlines()[-1])
     assert report["devices"] == report["count"] == 2
     # Each run's batch split over the 2 devices, its gradient summed across them in another
-    # order: float32 round-off, far inside 1e-3 relative (as tests/test_parallel.py).
+    # order: float32 round-off, far inside 1e-3 relative (as tests/infra/test_parallel.py).
     for name, two in zip(NAMES[:2], report["histories"], strict=True):
         one = history(grouped[0] / "runs" / name)
         np.testing.assert_allclose(two, one, rtol=1e-3)

@@ -21,13 +21,14 @@ def arrays(model) -> dict[str, np.ndarray]:
             for path, variable in nnx.state(model).flat_state()}
 
 
-def models(source_fields: dict, target_fields: dict):
+def models(source_fields: dict, target_fields: dict, target_classes: int = 5):
     """(source, target, target's arrays before): different seeds, so no array agrees by
     chance; the source's normalization adapted on other images than the target's."""
     tiny = vit_flax.ViTConfig(**TINY)
     source = vit_flax.create_model(tiny.replace(seed=1, num_classes=3, **source_fields),
                                    random_images(16, 8))
-    target = vit_flax.create_model(tiny.replace(seed=2, num_classes=5, **target_fields),
+    target = vit_flax.create_model(tiny.replace(seed=2, num_classes=target_classes,
+                                                **target_fields),
                                    random_images(16, 8, seed=3) // 2)
     return source, target, arrays(target)
 
@@ -45,6 +46,21 @@ def test_everything_but_the_classifier_is_taken():
     # The input normalization is the source's: its features were learned on it.
     assert not np.array_equal(theirs["data_augmentation.normalization.mean"],
                               before["data_augmentation.normalization.mean"])
+
+
+def test_the_classifier_is_new_when_the_class_counts_match():
+    # 3 classes in both: the source's classifier fits, and is still not taken (its classes
+    # are another data set's).
+    source, target, before = models({}, {}, target_classes=3)
+    source.head.logits.bias.set_value(np.ones(3, np.float32))  # Both start at zeros.
+    report = finetune.initialize_from(target, source)
+    assert report["kept"] == ["head.logits.bias", "head.logits.kernel"]
+    after, theirs = arrays(target), arrays(source)
+    for name in report["kept"]:
+        np.testing.assert_array_equal(after[name], before[name])
+        assert not np.array_equal(after[name], theirs[name]), name
+    np.testing.assert_array_equal(after["head.mlp.dense.1.kernel"],
+                                  theirs["head.mlp.dense.1.kernel"])  # The rest is taken.
 
 
 @pytest.mark.parametrize("head", ["gap", "cls"])
@@ -175,21 +191,97 @@ def test_a_seed_vit_cannot_start_from_a_standard_preset(tmp_path):
         finetune.initialize_from(model, finetune.load_source(preset))
 
 
-def test_train_py_fine_tunes_a_standard_vit_from_a_preset(tmp_path, capsys):
-    preset = write_preset(ViTHub(PRESET, rngs=nnx.Rngs(4)), tmp_path / "preset")
+def test_train_py_fine_tunes_a_standard_vit_from_a_preset_without_shape_flags(tmp_path,
+                                                                            capsys):
+    # The preset's MLP is 12 wide, not 4 x 8: no --model size has it, and no flag says it.
+    preset = write_preset(ViTHub(PRESET.replace(mlp_dim=12), rngs=nnx.Rngs(4)),
+                          tmp_path / "preset")
     images = write_image_folder(tmp_path / "images", ("bird", "ship"), size=16,
                                 train_per_class=6, test_per_class=3)
-    assert cli.main([*STANDARD_FLAGS, "--epochs", "1", "--dataset", "folder", "--data-dir",
-                     str(images), "--init-from", str(preset), "--workdir",
-                     str(tmp_path / "tuned")]) == 0
+    assert cli.main(["--input-size", "16", "--batch-size", "8", "--epochs", "1",
+                     "--dataset", "folder", "--data-dir", str(images), "--init-from",
+                     str(preset), "--workdir", str(tmp_path / "tuned")]) == 0
     printed = capsys.readouterr().out
     assert "0 resampled, new: vit.predictions.bias, vit.predictions.kernel" in printed
     assert f"Note: {preset} has no image converter (image_converter.json), so the pixels go " \
            f"in unscaled (0-255)" in printed  # write_preset wrote none.
     model, config = vit_flax.load(tmp_path / "tuned")
-    assert type(model).__name__ == "StandardViT" and config == STANDARD.replace(epochs=1)
+    assert type(model).__name__ == "StandardViT"
+    assert config == STANDARD.replace(epochs=1, mlp_dim=12)
     results = json.loads((tmp_path / "tuned" / "results.json").read_text())
     test = vit_flax.data.sources.load_folder(images, 16).test
     assert results["test_accuracy"] == pytest.approx(
         np.mean(vit_flax.predict(model, test.images).argmax(-1) == test.labels), abs=1e-7)
     assert (tmp_path / "tuned" / "attention.png").is_file()
+
+
+# --- config_for_source: the architecture from the source, no shape flags ---------------------
+
+def test_a_presets_architecture_is_taken_even_with_an_mlp_of_another_width(tmp_path):
+    hub_config = PRESET.replace(mlp_dim=12)  # Not 4 x 8: no named size has it.
+    hub = ViTHub(hub_config, rngs=nnx.Rngs(4))
+    preset = write_preset(hub, tmp_path / "preset", {"scale": list(PRESET.scale),
+                                                      "offset": list(PRESET.offset)})
+    config = finetune.config_for_source(preset, vit_flax.ViTConfig(num_classes=2,
+                                                                   input_size=16))
+    assert config == STANDARD.replace(mlp_dim=12, num_classes=2, batch_size=256)
+    model = vit_flax.create_model(config)
+    assert (model.vit.config.mlp_dim, model.vit.config.hidden_dim) == (12, 8)
+    report = finetune.initialize_from(model, finetune.load_source(preset))
+    assert report["kept"] == ["vit.predictions.bias", "vit.predictions.kernel"]
+    images = random_images(4, 16).astype(np.float32)
+    np.testing.assert_allclose(vit_flax.features(model, images),
+                               vit_flax.features(hub, images), atol=1e-5)
+
+
+def test_what_the_user_gave_must_agree_with_the_source(tmp_path):
+    preset = write_preset(ViTHub(PRESET, rngs=nnx.Rngs(4)), tmp_path / "preset")
+    base = vit_flax.ViTConfig(num_classes=2, input_size=16)
+    with pytest.raises(vit_flax.ConfigError, match=(
+            rf"^init_from={preset}: patch_size=4 was given, the source has 8; leave "
+            rf"patch_size out to take the source's$")):
+        finetune.config_for_source(preset, base.replace(patch_size=4, image_size=16),
+                                   {"patch_size", "image_size"})
+    with pytest.raises(vit_flax.ConfigError, match=r"mlp_dim=64 was given, the source has 32"):
+        finetune.config_for_source(preset, base.replace(mlp_dim=64), {"mlp_dim"})
+    # Given and equal (the MLP width 4 x 8 spelled out), or what may differ: accepted.
+    base = vit_flax.ViTConfig(num_classes=2, input_size=16, patch_size=8, image_size=32,
+                              mlp_dim=32, learning_rate=0.01)
+    config = finetune.config_for_source(preset, base, {"mlp_dim", "image_size",
+                                                       "learning_rate"})
+    assert config == STANDARD.replace(num_classes=2, image_size=32, learning_rate=0.01,
+                                      batch_size=256)
+    # train.py's form: the fields given on the command line, with their values.
+    assert finetune.source_fields(preset, {"mlp_dim": 0, "patch_size": 8, "epochs": 2}) == dict(
+        architecture="standard", projection_dim=8, num_heads=2, transformer_layers=2,
+        layer_norm_epsilon=1e-6, head="cls", mlp_head_units=(5,), image_size=16)
+    with pytest.raises(vit_flax.ConfigError, match="projection_dim=16 was given, the source"):
+        finetune.source_fields(preset, {"projection_dim": 16})
+
+
+def test_a_backbone_leaves_the_head_to_the_run(tmp_path):
+    backbone = PRESET.replace(num_classes=None, intermediate_dim=None)
+    preset = write_preset(ViTHub(backbone, rngs=nnx.Rngs(4)), tmp_path / "preset")
+    base = vit_flax.ViTConfig(num_classes=2, input_size=16)
+    assert finetune.config_for_source(preset, base).head == "cls"
+    chosen = finetune.config_for_source(preset, base.replace(head="gap"), {"head"})
+    assert (chosen.head, chosen.mlp_head_units, chosen.architecture) == ("gap", (), "standard")
+
+
+def test_a_preset_vit_flax_cannot_build_is_one_line(tmp_path):
+    no_token = PRESET.replace(use_class_token=False, use_mlp_bias=False)
+    preset = write_preset(ViTHub(no_token, rngs=nnx.Rngs(4)), tmp_path / "preset")
+    with pytest.raises(vit_flax.ConfigError, match=(
+            rf"^init_from={preset}: the preset has 3 channels and use_mlp_bias=False, "
+            rf"use_class_token=False; vit_flax's standard ViT takes 3 channels")):
+        finetune.config_for_source(preset, vit_flax.ViTConfig())
+
+
+def test_a_runs_architecture_is_taken(tmp_path):
+    source = vit_flax.ViTConfig(**TINY).replace(head="gap", mlp_dim=24)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(source.to_json())
+    config = finetune.config_for_source(tmp_path / "run", vit_flax.ViTConfig(epochs=3))
+    assert config == source.replace(num_classes=100, input_size=32, batch_size=256, epochs=3)
+    with pytest.raises(vit_flax.ConfigError, match="neither a vit_flax run"):
+        finetune.config_for_source(tmp_path, vit_flax.ViTConfig())

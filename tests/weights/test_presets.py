@@ -139,6 +139,7 @@ def test_a_config_that_does_not_fit_the_weights_is_an_error(tmp_path, classifier
 def test_a_workdir_loads_as_vit_flax_load(tmp_path):
     config = ViTConfig(**TINY)
     seed_model = ViT(config, rngs=nnx.Rngs(2))
+    (tmp_path / "run").mkdir()  # save_model writes into a workdir, which a run creates.
     save_model(tmp_path / "run" / "best_checkpoint", seed_model)
     (tmp_path / "run" / "config.json").write_text(config.to_json())
     model, loaded = load_pretrained(tmp_path / "run")

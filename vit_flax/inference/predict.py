@@ -18,7 +18,12 @@ from vit_flax.models import Model
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _logits(graphdef, state, images):
+def forward(graphdef, state, images):
+    """The model's inference pass as a pure function of (graphdef, state, images).
+
+    The state goes in as an argument, not a closure: the blocks' nnx.remat refuses to update
+    Variables created outside the trace (flax TraceContextError), which also bars tracing a
+    plain `lambda x: model(x)` for export."""
     return nnx.merge(graphdef, state)(images, train=False)
 
 
@@ -58,10 +63,12 @@ def predict(model: Model, images, batch_size: int = 256) -> np.ndarray:
     Pixels are on the scale the model's Normalization was adapted on (0..255 for train.py's
     models): float images in [0, 1] for a model adapted on 0..255 are a ValueError, as are
     NaN or infinite pixels and a batch_size that is not a positive integer.
-    Runs in batches of `batch_size` (the last one padded, so one compiled shape serves all).
+    Runs in batches of `batch_size` (the last one padded, so one compiled shape serves all);
+    a batch_size above the number of images is that number (nothing is allocated for more).
     """
     images = np.asarray(images)
     _check_inputs(model, images, batch_size)
+    batch_size = min(int(batch_size), max(len(images), 1))
     config = model.config
     graphdef, state = nnx.split(model)
     outputs = []
@@ -69,7 +76,7 @@ def predict(model: Model, images, batch_size: int = 256) -> np.ndarray:
         chunk = images[start:start + batch_size]
         padded = np.zeros((batch_size, *config.input_shape), chunk.dtype)
         padded[:len(chunk)] = chunk
-        outputs.append(np.asarray(_logits(graphdef, state, jnp.asarray(padded)))[:len(chunk)])
+        outputs.append(np.asarray(forward(graphdef, state, jnp.asarray(padded)))[:len(chunk)])
     if not outputs:
         return np.zeros((0, config.num_classes), np.float32)
     return np.concatenate(outputs)

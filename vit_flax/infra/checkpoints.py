@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import glob
 import hashlib
 import json
 import math
@@ -79,6 +78,7 @@ class RunCheckpoints:
             raise ConfigError(f"keep_checkpoints must be >= 1, got {keep}")
         self.keep = keep
         self.directory = Path(directory).absolute()
+        _refuse_links(self.directory)
         # Old steps are deleted by save() once the new one has its manifest, not by orbax's
         # max_to_keep, which deletes them before. Saves are synchronous: the epoch is on
         # disk before the next one starts, and a failed save has no writes left running.
@@ -176,6 +176,18 @@ class RunCheckpoints:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _refuse_links(directory: Path) -> None:
+    """A CheckpointError naming `directory`, or an entry of it, that is a symbolic link:
+    orbax would follow it (read, and delete, what it points to) as if it were a step."""
+    links = [directory] if directory.is_symlink() else []
+    if directory.is_dir() and not links:
+        links = sorted(entry for entry in directory.iterdir() if entry.is_symlink())
+    if links:
+        raise CheckpointError(f"{links[0]} is a symbolic link; vit_flax never follows links in "
+                              f"its run state: remove it (what it points to is left as it is), "
+                              f"then run the same command again")
 
 
 def _savable(state) -> dict:
@@ -281,8 +293,11 @@ def _recover(final: Path) -> None:
             os.replace(staged, final)
         elif aside.is_dir():
             os.replace(aside, final)
-    partial = final.parent.glob(glob.escape(staged.name) + ocp.path.step.TMP_DIR_SUFFIX + "*")
-    for leftover in (staged, aside, *partial):
+    # Only the names orbax gives its partial write of `staged` (with or without its
+    # "-<timestamp>"): another entry of the workdir is not vit_flax's to delete.
+    partial = re.compile(re.escape(staged.name + ocp.path.step.TMP_DIR_SUFFIX) + r"(-\d+)?")
+    for leftover in (staged, aside, *(entry for entry in final.parent.iterdir()
+                                      if partial.fullmatch(entry.name))):
         shutil.rmtree(leftover, ignore_errors=True)
 
 

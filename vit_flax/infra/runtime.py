@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import json
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -14,6 +16,8 @@ from pathlib import Path
 
 import jax
 from jax.experimental import multihost_utils
+
+from vit_flax.config import ConfigError
 
 
 def unroll_threefry_on_cpu() -> bool:
@@ -45,26 +49,234 @@ def unroll_threefry_on_cpu() -> bool:
 # How long JAX's coordination service waits for a silent process (killed, or its host gone)
 # before the others are told it is dead (JAX's default: 100 s).
 HEARTBEAT_TIMEOUT_SECONDS = 20
+# How long each process waits for all of them to connect before it ends with one line
+# (JAX's default: 300 s, then a C++ abort).
+INITIALIZATION_TIMEOUT_SECONDS = 60
 
 
-def start_distributed(coordinator_address: str, num_processes: int | None,
-                      process_id: int | None) -> None:
-    """JAX's distributed runtime, for training as one of several processes (or hosts).
+def check_distributed_options(coordinator_address: str | None, num_processes: int | None,
+                              process_id: int | None) -> bool:
+    """Whether they ask for several processes (False: none of the three is given); a
+    one-line ConfigError naming them when some are missing or out of range."""
+    if coordinator_address is None and num_processes is None and process_id is None:
+        return False
+    if coordinator_address is None:
+        given = "num_processes" if num_processes is not None else "process_id"
+        raise ConfigError(f"{given} needs coordinator_address (HOST:PORT of process 0) to "
+                          f"start several processes; give coordinator_address too, or none "
+                          f"of them to train as one process")
+    if num_processes is None or process_id is None:
+        raise ConfigError("coordinator_address needs num_processes and process_id too (how "
+                          "many processes, and which one this is)")
+    if type(num_processes) is not int or num_processes < 1:
+        raise ConfigError(f"num_processes={num_processes}: give how many processes, at least 1")
+    if type(process_id) is not int or not 0 <= process_id < num_processes:
+        raise ConfigError(f"process_id={process_id} is not one of the num_processes="
+                          f"{num_processes} processes: give 0 to {num_processes - 1}")
+    host, _, port = str(coordinator_address).rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"coordinator_address={coordinator_address}: expected HOST:PORT, "
+                          f"the address of process 0 and a free port on it (like "
+                          f"localhost:12345)")
+    return True
+
+
+def start_distributed(coordinator_address: str | None, num_processes: int | None,
+                      process_id: int | None, *,
+                      initialization_timeout: float = INITIALIZATION_TIMEOUT_SECONDS) -> bool:
+    """JAX's distributed runtime, for training as one of several processes (or hosts);
+    nothing (False) when none of the three is given (check_distributed_options).
 
     CPU devices of several processes need a cross-process collective implementation (gloo),
     chosen before the backend starts. JAX's coordination client ends every process with a
     fatal log (a C++ abort and its stack) when one of them dies; with recoverable tasks the
     survivors get errors instead, and a watch thread ends each with one line on stderr
-    within HEARTBEAT_TIMEOUT_SECONDS (+1 s) of the death.
+    within HEARTBEAT_TIMEOUT_SECONDS (+1 s) of the death. Process 0's death too: the
+    coordination service it serves runs in a process of its own (SERVICE), which outlives
+    it. A process whose peers do not all connect within `initialization_timeout` seconds
+    ends with one line (exit status 1).
     """
     global _watch
+    if not check_distributed_options(coordinator_address, num_processes, process_id):
+        return False
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    with contextlib.suppress(AttributeError):  # A JAX without the option: fatal logs.
+    recoverable = True
+    try:
         jax.config.update("jax_enable_recoverability", True)
-    jax.distributed.initialize(coordinator_address, num_processes, process_id,
-                               heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_SECONDS)
+    except AttributeError:  # A JAX without the option: fatal logs.
+        recoverable = False
+    # JAX's own timeout aborts the process (a C++ fatal log): this one comes first.
+    alarm = threading.Timer(initialization_timeout, _not_started,
+                            (coordinator_address, num_processes, process_id,
+                             initialization_timeout))
+    alarm.daemon = True
+    alarm.start()
+    try:
+        service = _Service.start(coordinator_address, num_processes, recoverable) \
+            if process_id == 0 else None
+        with _served_by(service):
+            jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                                       initialization_timeout=int(initialization_timeout) + 60,
+                                       heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_SECONDS)
+    finally:
+        alarm.cancel()
+    if service is not None:
+        service.tell("started")
     _watch = _PeerWatch(jax.process_count())
     threading.Thread(target=_watch.run, name="vit_flax-peers", daemon=True).start()
+    return True
+
+
+# JAX's coordination service, which process 0 runs for all, in a process of its own: run
+# inside process 0 (JAX's way), its end with process 0 aborts every other process at once
+# (a C++ fatal log, which no watch can precede). Apart, it outlives a killed process 0 long
+# enough for the others to learn of the death from its missing heartbeats (and end with
+# the watch's one line), then ends: at once when process 0 ends a run in order (or died
+# before every process had connected), else after HEARTBEAT_TIMEOUT_SECONDS + 30 s.
+SERVICE = """
+import os, sys, time
+from jaxlib import _jax
+count, heartbeat, recoverable = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
+address = os.environ.get("JAX_COORDINATOR_BIND_ADDRESS", "[::]:" + sys.argv[1])
+try:
+    service = _jax.get_distributed_runtime_service(
+        address, count, heartbeat_timeout=heartbeat, recoverable=recoverable)
+except Exception as error:
+    print((str(error).splitlines() or [type(error).__name__])[0], flush=True)
+    sys.exit(1)
+print("ready", flush=True)
+started = False
+for line in sys.stdin:  # Until process 0 says stop, or is gone (end of file).
+    started = started or line.strip() == "started"
+    if line.strip() == "stop":
+        break
+else:
+    if started:
+        time.sleep(heartbeat + 30)
+service.shutdown()
+"""
+
+
+class _Service:
+    """The coordination service's process (SERVICE), as JAX's in-process one is used:
+    JAX's shutdown stops it (once the run ended in order; else it outlives this process)."""
+
+    def __init__(self, process: subprocess.Popen):
+        self.process = process
+
+    @classmethod
+    def start(cls, address: str, count: int, recoverable: bool) -> _Service | None:
+        """The service's process, ready (None where JAX cannot be given it: then JAX starts
+        its own); a one-line ConfigError when it cannot serve."""
+        from jax._src import distributed
+
+        if not hasattr(distributed._jax, "get_distributed_runtime_service"):
+            return None
+        process = subprocess.Popen(
+            [sys.executable, "-c", SERVICE, address.rpartition(":")[2], str(count),
+             str(HEARTBEAT_TIMEOUT_SECONDS), str(int(recoverable))],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            text=True, start_new_session=True)  # Not stopped with this process's group.
+        answer = process.stdout.readline().strip()
+        process.stdout.close()
+        if answer != "ready":
+            process.wait()
+            raise ConfigError(f"coordinator_address={address}: process 0 cannot serve there "
+                              f"({answer or 'its service did not start'}); give a free port")
+        return cls(process)
+
+    def tell(self, line: str) -> None:
+        with contextlib.suppress(OSError):
+            self.process.stdin.write(line + "\n")
+            self.process.stdin.flush()
+
+    def shutdown(self) -> None:
+        """Called by JAX's shutdown. After a run that ended in order (every process left,
+        _PeerWatch.leave), at once; else the others may still need it: left running."""
+        if _watch is not None and _watch.stopped.is_set():
+            self.tell("stop")
+        with contextlib.suppress(OSError):
+            self.process.stdin.close()
+        if _watch is not None and _watch.stopped.is_set():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def _served_by(service: _Service | None):
+    """Within the block, JAX's initialize takes `service` for the one it would start."""
+    from jax._src import distributed
+
+    if service is None:
+        yield
+        return
+    start = distributed._jax.get_distributed_runtime_service
+    distributed._jax.get_distributed_runtime_service = lambda *args, **kwargs: service
+    try:
+        yield
+    finally:
+        distributed._jax.get_distributed_runtime_service = start
+
+
+def _not_started(address: str, count: int, index: int, seconds: float) -> None:
+    # os._exit: the main thread is inside JAX's connect, which nothing else interrupts.
+    print(f"error: process {index} of {count} waited {seconds:g} s for the others to connect "
+          f"to {address}, and not all of them did; start all {count} processes with the same "
+          f"coordinator address and number of processes", file=sys.stderr, flush=True)
+    os._exit(1)
+
+
+def check_started_alike(settings: dict, timeout: float = INITIALIZATION_TIMEOUT_SECONDS) -> None:
+    """In a run of several processes, a ConfigError in every process when they were not
+    started with the same `settings` (JSON-able: dicts and lists of them compared item by
+    item), naming the first process and setting (its innermost key) that differ from
+    process 0's. Nothing in one process. Each process publishes its settings in JAX's
+    coordination service (key-value store) and reads every other's, waiting at most
+    `timeout` seconds for each."""
+    if _watch is None or jax.process_count() == 1:
+        return
+    from jax._src import distributed
+
+    client = distributed.global_state.client
+    key = f"vit_flax/settings/{_watch.settings_round}/"
+    _watch.settings_round += 1
+    client.key_value_set(key + str(jax.process_index()),
+                         json.dumps(settings, sort_keys=True, default=str))
+    first = None
+    for index in range(jax.process_count()):
+        try:
+            theirs = json.loads(client.blocking_key_value_get(key + str(index),
+                                                              int(timeout * 1000)))
+        except jax.errors.JaxRuntimeError:
+            _watch.wait_for_verdict()  # A dead peer: ends the process with the watch's line.
+            raise ConfigError(f"process {index} did not publish its settings within "
+                              f"{timeout:g} s; start every process with the same flags") from None
+        first = theirs if first is None else first
+        difference = _difference(theirs, first)
+        if difference:  # Every process sees it: they leave together, then each says it.
+            _watch.leave()
+            name, value, expected = difference
+            raise ConfigError(f"process {index} was started with other settings than process "
+                              f"0: {name}={_shown(value)} vs {_shown(expected)}; start every "
+                              f"process with the same flags")
+
+
+def _difference(value, expected, name: str = "settings"):
+    """(innermost key, value, expected) of the first difference (keys sorted), or None."""
+    if isinstance(value, dict) and isinstance(expected, dict):
+        for key in sorted(value.keys() | expected.keys()):
+            found = _difference(value.get(key), expected.get(key), key)
+            if found:
+                return found
+        return None
+    if isinstance(value, list) and isinstance(expected, list) and len(value) == len(expected):
+        return next(filter(None, map(_difference, value, expected, [name] * len(value))), None)
+    return None if value == expected else (name, value, expected)
+
+
+def _shown(value) -> str:
+    """A setting as a flag's value: a string bare, None (not given) as "none"."""
+    return value if isinstance(value, str) else "none" if value is None else json.dumps(value)
 
 
 class _PeerWatch:
@@ -72,6 +284,7 @@ class _PeerWatch:
 
     def __init__(self, count: int):
         self.count, self.stopped = count, threading.Event()
+        self.settings_round = 0  # check_started_alike's calls so far: each its own keys.
 
     def dead(self) -> list[int]:
         """Those it no longer hears from (none where this JAX cannot tell, or while the
@@ -94,6 +307,13 @@ class _PeerWatch:
                   f"stops too; start every process again to resume", file=sys.stderr,
                   flush=True)
             os._exit(1)
+
+    def wait_for_verdict(self) -> None:
+        """Up to the heartbeat timeout (+5 s): ends the process if a peer is found dead."""
+        deadline = time.monotonic() + HEARTBEAT_TIMEOUT_SECONDS + 5
+        while time.monotonic() < deadline:
+            self.exit_if_dead()
+            time.sleep(1)
 
     def run(self) -> None:
         while not self.stopped.wait(1.0):
@@ -132,10 +352,7 @@ def distributed_run():
     try:
         yield
     except (jax.errors.JaxRuntimeError, TimeoutError):
-        deadline = time.monotonic() + HEARTBEAT_TIMEOUT_SECONDS + 5
-        while time.monotonic() < deadline:
-            _watch.exit_if_dead()
-            time.sleep(1)
+        _watch.wait_for_verdict()
         raise
     _watch.leave()
 

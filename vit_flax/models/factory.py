@@ -1,13 +1,16 @@
-"""The model a config names: the seed's ViT (model.py) or the standard ViT (vit.py), by
-`ViTConfig.architecture`. Here, not in either, because vit.py builds on model.py's layers."""
+"""The model a config names: the seed's ViT (seed_vit.py) or the standard ViT (hub_vit.py), by
+`ViTConfig.architecture`; and the one abstract-model helper every weight reader fills (a
+restore target, a preset, a Keras weights file). Here, not in either model file, because
+hub_vit.py builds on seed_vit.py's layers."""
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 from flax import nnx
 
 from vit_flax.config import ViTConfig
-from vit_flax.models.hub_vit import StandardViT
+from vit_flax.models.hub_vit import StandardViT, ViTHub, ViTHubConfig
 from vit_flax.models.seed_vit import ViT
 
 Model = ViT | StandardViT
@@ -30,6 +33,21 @@ def create_model(config: ViTConfig, train_images: np.ndarray | None = None) -> M
     return model
 
 
-def abstract_model(config: ViTConfig) -> Model:
-    """The model of `config` as shapes only (no memory, no random draws): a restore target."""
+def abstract_model(config: ViTConfig | ViTHubConfig) -> Model | ViTHub:
+    """The model of `config` (a ViTConfig's architecture, or a ViTHubConfig's ViTHub) as
+    shapes only (no memory, no random draws): every array must be written before use
+    (`check_filled`)."""
+    if isinstance(config, ViTHubConfig):
+        return nnx.eval_shape(lambda: ViTHub(config, rngs=nnx.Rngs(0)))
     return nnx.eval_shape(lambda: new_model(config, nnx.Rngs(0)))
+
+
+def check_filled(model: nnx.Module, error: type[Exception] = ValueError) -> nnx.Module:
+    """`model` when every array of an `abstract_model` was written; else `error` naming the
+    arrays left: a reader that left one unwritten is a bug, never a partial model."""
+    leaves = jax.tree_util.tree_leaves_with_path(nnx.state(model))
+    missing = [jax.tree_util.keystr(path) for path, leaf in leaves
+               if isinstance(leaf, jax.ShapeDtypeStruct)]
+    if missing:
+        raise error(f"no source weight for vit_flax {', '.join(missing)}")
+    return model

@@ -46,6 +46,19 @@ POOLINGS: tuple[str, ...] = get_args(Pooling)
 ACTIVATIONS: tuple = get_args(Activation)
 
 SIZES = STANDARD_SIZES  # The named sizes: (patch_size, num_layers, num_heads, hidden, mlp).
+# ViTHubConfig's fields by type, for its checks.
+INT_FIELDS = ("patch_size", "num_layers", "num_heads", "hidden_dim", "mlp_dim")
+OPTIONAL_INT_FIELDS = ("num_classes", "intermediate_dim")
+BOOL_FIELDS = ("use_mha_bias", "use_mlp_bias", "use_class_token", "use_patch_bias")
+FLOAT_FIELDS = ("dropout_rate", "attention_dropout", "layer_norm_epsilon", "head_dropout")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +91,7 @@ class ViTHubConfig:
     dtype: Dtype = "float32"  # As ViTConfig.dtype: the matmuls'.
 
     def __post_init__(self):
+        self._check_types()
         object.__setattr__(self, "image_shape", tuple(self.image_shape))
         for name in ("scale", "offset"):
             value = getattr(self, name)
@@ -86,6 +100,32 @@ class ViTHubConfig:
             object.__setattr__(self, name, None if value is None else tuple(map(float, value)))
         self._check()
 
+    def _check_types(self) -> None:
+        """Each field of its type (a preset's JSON may hold anything): a one-line ConfigError
+        naming the first field that is not, never a cast ("no" is not False)."""
+        shape = self.image_shape
+        if not (isinstance(shape, list | tuple) and len(shape) == 3
+                and all(_is_int(v) for v in shape)):
+            raise ConfigError(f"image_shape must be 3 integers (height, width, channels), "
+                              f"got {shape!r}")
+        for name in INT_FIELDS + OPTIONAL_INT_FIELDS:
+            value = getattr(self, name)
+            if not _is_int(value) and not (value is None and name in OPTIONAL_INT_FIELDS):
+                raise ConfigError(f"{name} must be an integer, got {value!r}")
+        for name in BOOL_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        for name in FLOAT_FIELDS:
+            value = getattr(self, name)
+            if not (_is_number(value) and math.isfinite(value)):
+                raise ConfigError(f"{name} must be a finite number, got {value!r}")
+        for name in ("scale", "offset"):
+            value = getattr(self, name)
+            items = value if isinstance(value, list | tuple) else [value]
+            if value is not None and not all(_is_number(v) and math.isfinite(v) for v in items):
+                raise ConfigError(f"{name} must be null, a finite number or a list of them (one "
+                                  f"per channel), got {value!r}")
+
     def _check(self) -> None:
         height, width, channels = self.image_shape
         sizes = dict(height=height, width=width, channels=channels, patch_size=self.patch_size,
@@ -93,7 +133,7 @@ class ViTHubConfig:
                      hidden_dim=self.hidden_dim, mlp_dim=self.mlp_dim)
         sizes.update({k: getattr(self, k) for k in ("num_classes", "intermediate_dim")
                       if getattr(self, k) is not None})
-        bad = {k: v for k, v in sizes.items() if not isinstance(v, int) or v <= 0}
+        bad = {k: v for k, v in sizes.items() if v <= 0}
         if bad:
             raise ConfigError(f"ViTHubConfig sizes must be positive integers, got {bad}")
         if height % self.patch_size or width % self.patch_size:
@@ -103,15 +143,23 @@ class ViTHubConfig:
                                                 "head_dropout")}
         if not all(0.0 <= r < 1.0 for r in rates.values()):
             raise ConfigError(f"dropout rates must be in [0, 1), got {rates}")
+        if self.layer_norm_epsilon <= 0:
+            raise ConfigError(f"layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon}")
         choices = dict(pooling=(self.pooling, POOLINGS), activation=(self.activation,
                        ACTIVATIONS), dtype=(self.dtype, DTYPES))
         for name, (value, allowed) in choices.items():
             if value not in allowed:
                 raise ConfigError(f"{name} must be one of {allowed}, got {value!r}")
+        self._check_scaling(channels)
+
+    def _check_scaling(self, channels: int) -> None:
         for name in ("scale", "offset"):
             value = getattr(self, name)
             if value is not None and len(value) != channels:
                 raise ConfigError(f"{name} has {len(value)} values for {channels} channels")
+        if self.scale is not None and 0.0 in self.scale:
+            # Every image would become the offset: a model that sees nothing.
+            raise ConfigError(f"scale must be non-zero for every channel, got {self.scale}")
 
     @classmethod
     def named(cls, name: str, **changes) -> ViTHubConfig:
@@ -145,7 +193,18 @@ class ViTHubConfig:
 
     @classmethod
     def from_json(cls, text: str) -> ViTHubConfig:
-        return cls(**json.loads(text))
+        """The config of `to_json`'s text; a ConfigError (one line) for anything else."""
+        try:
+            values = json.loads(text)
+        except ValueError as error:
+            raise ConfigError(f"not a ViTHubConfig: the text is not JSON ({error})") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"not a ViTHubConfig: expected a JSON object of its fields, got "
+                              f"a {type(values).__name__}")
+        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ConfigError(f"not a ViTHubConfig: unknown fields {', '.join(unknown)}")
+        return cls(**values)
 
 
 # --- Keras Hub's initializers -----------------------------------------------------------------
@@ -388,11 +447,6 @@ class StandardViT(nnx.Module):
 def count_params(model: nnx.Module) -> int:
     """Trainable parameters, as Keras' count_params() counts a Keras Hub ViT."""
     return sum(leaf.size for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)))
-
-
-def abstract_model(config: ViTHubConfig) -> ViTHub:
-    """A ViTHub whose arrays are shapes only (no memory, no random draws)."""
-    return nnx.eval_shape(lambda: ViTHub(config, rngs=nnx.Rngs(0)))
 
 
 # --- position embeddings at another resolution ------------------------------------------------

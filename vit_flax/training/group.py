@@ -13,8 +13,8 @@ state by `optax.inject_hyperparams`), its own validation, best checkpoint and te
 runs share is the program: the data is on the devices once, each step takes a (runs, batch)
 block of index rows and each run gathers its own batch, and one compile serves them all. A
 run's history equals its solo run's: measured bit for bit on the CPU, on 1 and 2 devices
-(benchmarks/group_benchmark.py --agreement); tests/test_group.py allows float32 round-off,
-as another backend may fuse the vmapped program differently. Data parallelism is the solo
+(benchmarks/group_benchmark.py --agreement); tests/training/test_group.py allows float32
+round-off, as another backend may fuse the vmapped program differently. Data parallelism is the solo
 run's: each run's batch is split over the mesh's "data" axis; the runs axis is not split.
 
 WORKDIR holds:

@@ -37,7 +37,7 @@ from vit_flax.training.setup import create_train_state
 from vit_flax.weights import finetune
 
 ATTENTION_IMAGES = 4  # Test images in attention.png (the best model's attention rollout).
-DATA_FILE = "data.json"  # What a run was trained on: data set, directory, class names.
+DATA_FILE = layout.DATA_FILE  # What a run was trained on: data set, directory, class names.
 
 
 def check_data(config: ViTConfig, splits: data_lib.Splits) -> None:
@@ -510,13 +510,16 @@ def _finish(fit: Fit, splits: data_lib.Splits, log) -> list[dict]:
 
 
 def _plot_results(member: Member, test_set) -> None:
-    if not parallel.is_main_process():
-        return
-    reporting.plot_history(member.progress.history, member.directory)
+    """loss.png, top-5-accuracy.png and the best model's attention.png (process 0 draws;
+    every process restores, as orbax's restore waits for all of them)."""
+    main = parallel.is_main_process()
+    if main:
+        reporting.plot_history(member.progress.history, member.directory)
     if member.progress.best_epoch and test_set is not None and len(test_set):
         best = restore_model(member.directory / layout.BEST_CHECKPOINT, member.config)
-        reporting.plot_attention(best, test_set.images[:ATTENTION_IMAGES],
-                                 member.directory / "attention.png")
+        if main:
+            reporting.plot_attention(best, test_set.images[:ATTENTION_IMAGES],
+                                     member.directory / "attention.png")
 
 
 def _evaluate_best(fit: Fit, test_set) -> list[dict | None]:

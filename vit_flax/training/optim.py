@@ -3,7 +3,7 @@
 optax.adamw is not the same optimizer: it adds epsilon to the bias-corrected sqrt(v_hat),
 Keras adds it to the raw sqrt(v) and folds the bias corrections into the step size. Epsilon
 matters where gradients are small: at gradient scale 1e-5, optax.adamw(eps=1e-7) ends 1.1e-3
-away from Keras' weights after five steps (tests/test_optim.py). This module reproduces
+away from Keras' weights after five steps (tests/training/test_optim.py). This module reproduces
 Keras' rule:
 
     var -= var * wd * lr                               # decay first, on the old value

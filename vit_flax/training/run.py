@@ -5,6 +5,7 @@ of them as one group (training/group.py)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,9 +43,9 @@ def run(config: ViTConfig | Sequence[ViTConfig], data: DataSpec | None = None,
     if not isinstance(config, ViTConfig):
         group.check_group(configs)
     check_workdir_outside_data(workdir, data)
-    if processes.coordinator_address is not None or processes.num_processes is not None:
-        runtime.start_distributed(processes.coordinator_address, processes.num_processes,
-                                  processes.process_id)
+    # Checks the three (one alone is an error) and starts nothing when none is given.
+    runtime.start_distributed(processes.coordinator_address, processes.num_processes,
+                              processes.process_id)
     _process_settings(unroll_threefry, compilation_cache)
     ensure_directory(workdir)  # Fail on an unusable workdir before the data is read.
     splits = data_lib.load(data.dataset, data.data_dir, configs[0].input_size)
@@ -71,14 +72,12 @@ def _process_settings(unroll_threefry: bool, compilation_cache) -> None:
 def _check_processes_agree(configs, data: DataSpec, workdir, options: RunOptions) -> None:
     """Several processes must be started alike (the same config, data and workdir), or
     they would train different things under one name."""
-    check = getattr(runtime, "check_started_alike", None)
-    if check is None:
-        return
-    check({"configs": [c.to_json() for c in configs], "dataset": data.dataset,
-           "data_dir": None if data.data_dir is None else str(data.data_dir),
-           "train_examples": data.train_examples, "test_examples": data.test_examples,
-           "workdir": str(Path(workdir).absolute()),
-           "init_from": None if options.init_from is None else str(options.init_from)})
+    runtime.check_started_alike({
+        "configs": [json.loads(c.to_json()) for c in configs], "dataset": data.dataset,
+        "data_dir": None if data.data_dir is None else str(data.data_dir),
+        "train_examples": data.train_examples, "test_examples": data.test_examples,
+        "workdir": str(Path(workdir).absolute()),
+        "init_from": None if options.init_from is None else str(options.init_from)})
 
 
 def check_workdir_outside_data(workdir, data: DataSpec) -> None:

@@ -14,24 +14,33 @@ What is taken from the source, array by array (`initialize_from`):
   initialised, for this data set's classes.
 Any other difference (a block more or fewer, another width, a flatten head over another
 number of tokens, another architecture) is a one-line ConfigError naming the array and both
-shapes.
+shapes. `config_for_source` avoids those: it takes the architecture from the source, so that
+a run restates only what may differ (image size, classes, the recipe).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vit_flax.config import ConfigError
+from vit_flax.config import ConfigError, ViTConfig
 from vit_flax.inference.analysis import patch_grid
 from vit_flax.inference.predict import load
+from vit_flax.infra.workdir import CONFIG_FILE
 from vit_flax.models import Model
 from vit_flax.models.hub_vit import StandardViT, ViTHub, resample_posemb
-from vit_flax.weights.keras_hub import PretrainedError, is_preset, load_preset, variable_at
+from vit_flax.weights.keras_hub import (
+    PretrainedError,
+    is_preset,
+    load_preset,
+    preset_config,
+    variable_at,
+)
 
 # Per architecture: the classifier (re-initialised: its outputs are the new data set's
 # classes) and the position embedding (resampled to another patch grid).
@@ -136,3 +145,93 @@ def load_source(path: str | os.PathLike) -> Model | ViTHub:
         raise ConfigError(f"init_from={path}: {error} (or a Keras Hub preset directory: "
                           f"config.json and model.weights.h5)") from None
     return source
+
+
+# --- the architecture a source fixes ---------------------------------------------------------
+
+# The fields of a source's architecture: its weights' shapes and what they compute. Image size
+# (the position embedding is resampled), classes (the classifier is new) and the recipe are
+# the run's own.
+ARCHITECTURE_FIELDS = ("architecture", "patch_size", "projection_dim", "num_heads",
+                       "transformer_layers", "mlp_dim", "mlp_head_units", "head",
+                       "layer_norm_epsilon")
+# What vit_flax's standard ViT always has, and a Keras Hub ViT may not.
+STANDARD_ONLY = ("use_mha_bias", "use_mlp_bias", "use_class_token", "use_patch_bias")
+
+
+def _preset_fields(path: Path, channels: int) -> tuple[dict, dict]:
+    """(fields a preset fixes, fields it suggests: its image size, and the head a backbone
+    without a classifier leaves open)."""
+    try:
+        hub = preset_config(path)
+    except PretrainedError as error:
+        raise ConfigError(f"init_from={path}: not a readable Keras Hub ViT preset ({error})"
+                          ) from None
+    lacking = [name for name in STANDARD_ONLY if not getattr(hub, name)]
+    if lacking or hub.image_shape[-1] != channels:
+        raise ConfigError(f"init_from={path}: the preset has {hub.image_shape[-1]} channels "
+                          f"and {', '.join(f'{n}=False' for n in lacking) or 'every bias'}; "
+                          f"vit_flax's standard ViT takes {channels} channels and has every "
+                          f"bias and a class token")
+    fixed = dict(architecture="standard", patch_size=hub.patch_size,
+                 projection_dim=hub.hidden_dim, num_heads=hub.num_heads,
+                 transformer_layers=hub.num_layers, mlp_dim=hub.mlp_dim,
+                 layer_norm_epsilon=hub.layer_norm_epsilon)
+    head = dict(head="cls" if hub.pooling == "token" else "gap",
+                mlp_head_units=(hub.intermediate_dim,) if hub.intermediate_dim else ())
+    suggested = dict(head="cls", mlp_head_units=())
+    if hub.num_classes is not None:  # A classifier: its pooling and pre-logits are taken.
+        fixed.update(head)
+    height, width, _ = hub.image_shape
+    return fixed, suggested | ({"image_size": height} if height == width else {})
+
+
+def _run_fields(path: Path) -> tuple[dict, dict]:
+    """(fields a vit_flax run fixes, fields it suggests: its image size)."""
+    if not (path / CONFIG_FILE).is_file():
+        raise ConfigError(f"init_from={path}: neither a vit_flax run ({CONFIG_FILE}, "
+                          f"best_checkpoint/) nor a Keras Hub preset directory (config.json "
+                          f"and model.weights.h5)")
+    try:
+        saved = ViTConfig.from_json((path / CONFIG_FILE).read_text())
+    except ConfigError as error:
+        raise ConfigError(f"init_from={path}: {error}") from None
+    fixed = {name: getattr(saved, name) for name in ARCHITECTURE_FIELDS}
+    fixed["mlp_dim"] = saved.transformer_units[0]
+    return fixed, {"image_size": saved.image_size}
+
+
+def _given_value(name: str, given: Mapping[str, object], fixed: dict):
+    """What a given field means: mlp_dim 0 is its architecture's width; lists are tuples."""
+    value = given[name]
+    if name == "mlp_dim" and value == 0:
+        architecture = given.get("architecture", fixed["architecture"])
+        width = given.get("projection_dim", fixed["projection_dim"])
+        return (4 if architecture == "standard" else 2) * width
+    return tuple(value) if isinstance(value, list) else value
+
+
+def source_fields(source: str | os.PathLike, given: Mapping[str, object],
+                  channels: int = 3) -> dict:
+    """The ViTConfig fields a fine-tuning run takes from `source` (a Keras Hub preset
+    directory or a vit_flax run): its architecture (ARCHITECTURE_FIELDS) and its image size,
+    less those in `given` (the fields the user set, with their values). A given field the
+    source fixes must agree with it, or a one-line ConfigError names both values; image
+    size, classes and the recipe stay the user's. Reads the source's JSON only."""
+    path = Path(source)
+    fixed, suggested = (_preset_fields(path, channels) if is_preset(path)
+                        else _run_fields(path))
+    for name, theirs in fixed.items():
+        if name in given and _given_value(name, given, fixed) != theirs:
+            raise ConfigError(f"init_from={path}: {name}={given[name]!r} was given, the "
+                              f"source has {theirs!r}; leave {name} out to take the "
+                              f"source's")
+    return {name: value for name, value in (suggested | fixed).items() if name not in given}
+
+
+def config_for_source(source: str | os.PathLike, config: ViTConfig,
+                      given: set[str] | frozenset[str] = frozenset()) -> ViTConfig:
+    """`config` with `source_fields` of `source` set: the fields in `given` (the names the
+    user set explicitly) are `config`'s, and must agree with the source's."""
+    return config.replace(**source_fields(
+        source, {name: getattr(config, name) for name in given}, config.channels))

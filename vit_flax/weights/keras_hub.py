@@ -1,5 +1,5 @@
 """Pretrained models without Keras: Keras Hub presets (h5py + json), vit_flax workdirs, and
-the seed's Keras `.weights.h5`.
+the seed's Keras `.weights.h5` (keras_h5).
 
 A Keras Hub preset is the directory `save_to_preset` writes: `config.json` (the ViTBackbone's
 constructor arguments) and `model.weights.h5` (its weights), for a ViTImageClassifier also
@@ -8,23 +8,30 @@ constructor arguments) and `model.weights.h5` (its weights), for a ViTImageClass
 found by `weight_table`: each vit_flax array, the Keras variable it mirrors, and where the
 Keras saver keeps that variable (groups named after Keras Hub's attributes; the `name` each
 group records is checked against the Keras layer's).
+
+A preset is untrusted input: its JSON is checked field by field (a one-line PretrainedError
+naming the field), its block count against the weights file before a model is built, and
+each dataset's declared shape and type before it is read; weights must be finite.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from vit_flax.config import ConfigError
 from vit_flax.inference.predict import load
 from vit_flax.infra.workdir import BEST_CHECKPOINT
-from vit_flax.models.hub_vit import ViTHub, ViTHubConfig, abstract_model, resample_posemb
+from vit_flax.models.factory import abstract_model, check_filled
+from vit_flax.models.hub_vit import ViTHub, ViTHubConfig, resample_posemb
+from vit_flax.weights.keras_h5 import load_keras_weights, read_array
 
 MODEL_WEIGHTS, TASK_WEIGHTS = "model.weights.h5", "task.weights.h5"  # Backbone, head.
 BACKBONE_FILES = ("config.json", MODEL_WEIGHTS)
@@ -32,6 +39,14 @@ BACKBONE_FILES = ("config.json", MODEL_WEIGHTS)
 BACKBONE_FIELDS = ("image_shape", "num_layers", "num_heads", "hidden_dim", "mlp_dim",
                    "dropout_rate", "attention_dropout", "layer_norm_epsilon", "use_mha_bias",
                    "use_mlp_bias", "use_class_token", "use_patch_bias")
+
+
+ENCODER_LAYERS = "layers/vi_t_encoder/encoder_layers"  # The transformer blocks' groups.
+
+
+def block_group(index: int) -> str:
+    """The saver names list items after their class, numbered from the second on."""
+    return "vi_t_encoder_block" + (f"_{index}" if index else "")
 
 
 class PretrainedError(ValueError):
@@ -62,8 +77,7 @@ def _layer(flax: tuple, keras: str, h5: str, names, use_bias: bool = True,
 def _block_entries(config: ViTHubConfig, i: int) -> list[WeightEntry]:
     flax = ("backbone", "vit_encoder", "transformer_blocks", i)
     keras = f"vit_encoder/transformer_block_{i + 1}"
-    # The saver names list items after their class, numbered from the second on.
-    h5 = "layers/vi_t_encoder/encoder_layers/vi_t_encoder_block" + (f"_{i}" if i else "")
+    h5 = f"{ENCODER_LAYERS}/{block_group(i)}"
     entries = _layer((*flax, "ln_1"), f"{keras}/ln_1", f"{h5}/layer_norm_1", NORM)
     for part, saved in (("query", "query_dense"), ("key", "key_dense"),
                         ("value", "value_dense"), ("attention_output", "output_dense")):
@@ -125,92 +139,189 @@ def write(model: nnx.Module, entry: WeightEntry, value: np.ndarray) -> None:
     variable.set_value(jnp.asarray(value, target.dtype))
 
 
-def check_filled(model: nnx.Module) -> None:
-    """An array left unwritten is a bug, never a partial model."""
-    leaves = jax.tree_util.tree_leaves_with_path(nnx.state(model))
-    missing = [jax.tree_util.keystr(path) for path, leaf in leaves
-               if isinstance(leaf, jax.ShapeDtypeStruct)]
-    if missing:
-        raise PretrainedError(f"no weight for vit_flax {', '.join(missing)}")
+# --- Keras Hub presets: the JSON files ------------------------------------------------------------
+
+JSON_TYPES = {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
+              int: "a number", float: "a number", type(None): "null"}
 
 
-# --- Keras Hub presets ----------------------------------------------------------------------------
-
-def _read_json(path: Path) -> dict:
+def _read_json(path: Path):
     try:
         return json.loads(path.read_text())
     except ValueError as error:
         raise PretrainedError(f"{path} is not JSON ({error})") from None
 
 
-def converter_scaling(converter: dict) -> dict:
+def _object(value, where: str) -> dict:
+    if not isinstance(value, dict):
+        raise PretrainedError(f"{where} must be a JSON object, got "
+                              f"{JSON_TYPES.get(type(value), type(value).__name__)}")
+    return value
+
+
+def _config_of(document, where: str) -> dict:
+    """The arguments of a serialized Keras object: {"class_name": ..., "config": {...}}."""
+    return _object(_object(document, where).get("config"), f'{where}\'s "config"')
+
+
+def _numbers(value, name: str, where: str) -> np.ndarray | None:
+    """A converter argument: null, a number, or a list of numbers (one per channel)."""
+    if value is None:
+        return None
+    items = value if isinstance(value, list | tuple) else [value]
+    if not items or any(isinstance(v, bool) or not isinstance(v, int | float) for v in items):
+        raise PretrainedError(f"{where}: the image converter's {name} must be a number or a "
+                              f"list of numbers, got {value!r}")
+    return np.asarray(value, np.float64)
+
+
+def converter_scaling(converter: dict, where: str = "the image converter") -> dict:
     """ViTImageConverter's scale and offset (None: that step skipped). Presets saved before
     keras_hub renamed them hold mean and variance: x * scale / std - mean / std."""
+    scale, offset = (_numbers(converter.get(k), k, where) for k in ("scale", "offset"))
     if "mean" in converter and "variance" in converter:
-        std = np.sqrt(np.asarray(converter["variance"], np.float64))
-        mean = np.asarray(converter["mean"], np.float64)
-        return dict(scale=tuple(converter["scale"] / std), offset=tuple(-mean / std))
-    return dict(scale=converter.get("scale"), offset=converter.get("offset"))
+        mean, variance = (_numbers(converter[k], k, where) for k in ("mean", "variance"))
+        if variance is None or mean is None or not (variance > 0).all():
+            raise PretrainedError(f"{where}: the image converter's variance must be > 0 and "
+                                  f"its mean given, got mean {converter['mean']!r}, "
+                                  f"variance {converter['variance']!r}")
+        std = np.sqrt(variance)
+        scale = 1.0 if scale is None else scale
+        scale, offset = scale / std, -mean / std
+    return {name: None if value is None else (float(value) if value.ndim == 0
+                                              else tuple(map(float, value)))
+            for name, value in (("scale", scale), ("offset", offset))}
 
 
 def _converter(path: Path) -> dict | None:
     if (path / "image_converter.json").is_file():
-        return _read_json(path / "image_converter.json")["config"]
+        return _config_of(_read_json(path / "image_converter.json"), "image_converter.json")
     if (path / "preprocessor.json").is_file():
-        return _read_json(path / "preprocessor.json")["config"].get("image_converter",
-                                                                     {}).get("config")
+        converter = _config_of(_read_json(path / "preprocessor.json"),
+                               "preprocessor.json").get("image_converter")
+        return None if converter is None else _config_of(
+            converter, "preprocessor.json's image_converter")
     return None
 
 
-def _backbone_fields(backbone: dict, where: str) -> dict:
+def _patch_size(value, where: str) -> int:
+    pair = [value, value] if isinstance(value, int) else value
+    if not (isinstance(pair, list | tuple) and len(pair) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in pair)):
+        raise PretrainedError(f"{where}: patch_size must be an integer or a pair of integers, "
+                              f"got {value!r}")
+    if pair[0] != pair[1]:
+        raise PretrainedError(f"{where}: vit_flax reads square patches, not patch_size "
+                              f"{value!r}")
+    return pair[0]
+
+
+def _backbone_fields(backbone, where: str) -> dict:
+    backbone = _object(backbone, f"{where}: the backbone (config.json)")
     if backbone.get("class_name") != "ViTBackbone":
         raise PretrainedError(f"{where} describes a {backbone.get('class_name')!r}, not a "
                               f"keras_hub ViTBackbone")
-    arguments = backbone["config"]
-    patch = arguments["patch_size"]
-    patch = (patch, patch) if isinstance(patch, int) else tuple(patch)
-    if patch[0] != patch[1] or arguments.get("data_format", "channels_last") != "channels_last":
-        raise PretrainedError(f"{where}: vit_flax reads channels-last images in square "
-                              f"patches, not patch_size {patch}, data_format "
-                              f"{arguments.get('data_format')!r}")
-    return dict(patch_size=patch[0], **{k: arguments[k] for k in BACKBONE_FIELDS
-                                        if k in arguments})
+    arguments = _config_of(backbone, f"{where}: the backbone (config.json)")
+    if arguments.get("data_format", "channels_last") != "channels_last":
+        raise PretrainedError(f"{where}: vit_flax reads channels-last images, not "
+                              f"data_format {arguments.get('data_format')!r}")
+    return dict(patch_size=_patch_size(arguments.get("patch_size"), where),
+                **{k: arguments[k] for k in BACKBONE_FIELDS if k in arguments})
+
+
+def _task_fields(task, where: str) -> dict:
+    task = _object(task, f"{where}: the classifier (task.json's \"config\")")
+    if "num_classes" not in task:
+        raise PretrainedError(f"{where}: the classifier (task.json) has no num_classes")
+    return dict(num_classes=task["num_classes"], pooling=task.get("pooling", "token"),
+                intermediate_dim=task.get("intermediate_dim"),
+                activation=task.get("activation"), head_dropout=task.get("dropout", 0.0))
 
 
 def hub_config(backbone: dict, task: dict | None = None, converter: dict | None = None,
                where: str = "the Keras model") -> ViTHubConfig:
     """The ViTHubConfig of a serialized ViTBackbone ({"class_name", "config"}: config.json),
-    a ViTImageClassifier's get_config() (task.json's "config") and an image converter's."""
+    a ViTImageClassifier's get_config() (task.json's "config") and an image converter's;
+    PretrainedError (one line, naming the field) for anything else."""
     fields = _backbone_fields(backbone, where)
     if task is not None:
-        fields.update(num_classes=task["num_classes"], pooling=task.get("pooling", "token"),
-                      intermediate_dim=task.get("intermediate_dim"),
-                      activation=task.get("activation"), head_dropout=task.get("dropout", 0.0))
+        fields.update(_task_fields(task, where))
     if converter is not None:
-        fields.update(converter_scaling(converter))
-    return ViTHubConfig(**fields)
+        fields.update(converter_scaling(converter, where))
+    try:
+        return ViTHubConfig(**fields)
+    except ConfigError as error:
+        raise PretrainedError(f"{where}: {error}") from None
 
 
 def preset_config(path: str | os.PathLike) -> ViTHubConfig:
     """The ViTHubConfig of a Keras Hub preset directory: backbone, head (task.json), scaling."""
     path = Path(path)
-    task = _read_json(path / "task.json")["config"] if (path / "task.json").is_file() else None
+    task = _config_of(_read_json(path / "task.json"), "task.json") \
+        if (path / "task.json").is_file() else None
     return hub_config(_read_json(path / "config.json"), task, _converter(path),
-                      str(path / "config.json"))
+                      f"preset {path}")
 
 
-def _read_entry(files: dict, entry: WeightEntry) -> np.ndarray:
+# --- Keras Hub presets: the weights ---------------------------------------------------------------
+
+def _open_h5(path: Path, stack: contextlib.ExitStack):
+    import h5py  # The one reader of .h5 files; nothing else needs it.
+
+    try:
+        file = stack.enter_context(h5py.File(path, "r"))
+    except OSError as error:
+        raise PretrainedError(f"{path} is not a readable HDF5 file ({error})") from None
+    links = []
+    file.visititems_links(lambda name, link: links.append(name) if isinstance(
+        link, h5py.ExternalLink) else None)
+    if links:
+        raise PretrainedError(f"{path} links to another file ({links[0]}): a preset's "
+                              f"weights are its own")
+    return file
+
+
+def _check_block_count(file, config: ViTHubConfig) -> None:
+    """Before a model is built: a config.json claiming 10,000 blocks would take minutes."""
+    import h5py
+
+    group = file.get(ENCODER_LAYERS)
+    held = [k for k in group if k.startswith("vi_t_encoder_block")] \
+        if isinstance(group, h5py.Group) else []
+    if len(held) != config.num_layers or set(held) != {block_group(i) for i in range(
+            config.num_layers)}:
+        raise PretrainedError(f"{file.filename} holds {len(held)} transformer blocks "
+                              f"({ENCODER_LAYERS}), its config.json num_layers is "
+                              f"{config.num_layers}")
+
+
+def _expected_shapes(entry: WeightEntry, saved: nnx.Module) -> set[tuple[int, ...]]:
+    """The shapes the preset's dataset of `entry` may have: its array's in a model of the
+    preset's own config (`saved`: shapes only); the patch kernel also as the Conv2D's."""
+    shape = tuple(variable_at(saved, entry.flax).get_value().shape)
+    if not entry.reshape:
+        return {shape}
+    patch, channels = saved.config.patch_size, saved.config.image_shape[-1]
+    return {shape, (patch, patch, channels, shape[-1])}
+
+
+def _read_entry(files: dict, entry: WeightEntry, saved: nnx.Module) -> np.ndarray:
     file = files[entry.file]
-    if entry.h5 not in file:
+    dataset = file.get(entry.h5)
+    if dataset is None or not hasattr(dataset, "dtype"):
         raise PretrainedError(f"{file.filename} has no {entry.h5} (Keras {entry.keras}): not "
                               f"a ViT of this config, or another keras_hub layout")
     # The saver records each layer's own name: a check that the group is the layer we mean.
-    recorded = file[entry.h5].parent.attrs.get("name")
+    recorded = dataset.parent.attrs.get("name")
     expected = entry.keras.rsplit("/", 2)[-2]
     if recorded is not None and recorded != expected:
         raise PretrainedError(f"{file.filename} {entry.h5} belongs to Keras layer "
                               f"{recorded!r}, expected {expected!r}")
-    return np.asarray(file[entry.h5][()], np.float32)
+    shapes = _expected_shapes(entry, saved)
+    if tuple(dataset.shape) not in shapes:  # Before reading: the file may declare anything.
+        raise PretrainedError(f"Keras {entry.keras} has shape {tuple(dataset.shape)}, vit_flax "
+                              f"{'.'.join(map(str, entry.flax))} {min(shapes, key=len)}")
+    return np.asarray(read_array(dataset, PretrainedError), np.float32)
 
 
 def _adapt_value(entry: WeightEntry, value: np.ndarray, saved: ViTHubConfig,
@@ -219,6 +330,20 @@ def _adapt_value(entry: WeightEntry, value: np.ndarray, saved: ViTHubConfig,
     if entry.flax[-2:] == ("position_embedding", "embedding") and saved.grid != config.grid:
         return resample_posemb(value, config.grid, old_grid=saved.grid)
     return value
+
+
+def _read_preset(path: Path, saved: ViTHubConfig, config: ViTHubConfig,
+                 fresh_head: bool) -> dict[WeightEntry, np.ndarray]:
+    """Every array `config` takes from the preset (not the head's when `fresh_head`), each
+    checked (shape, type, finite values) before the next is read."""
+    with contextlib.ExitStack() as stack:
+        files = {MODEL_WEIGHTS: _open_h5(path / MODEL_WEIGHTS, stack)}
+        _check_block_count(files[MODEL_WEIGHTS], saved)
+        entries = [e for e in weight_table(config) if not fresh_head or e.file == MODEL_WEIGHTS]
+        for name in sorted({e.file for e in entries} - set(files)):
+            files[name] = _open_h5(path / name, stack)
+        shapes = abstract_model(saved)
+        return {entry: _read_entry(files, entry, shapes) for entry in entries}
 
 
 def load_preset(path: str | os.PathLike, *, num_classes: int | None = None,
@@ -230,25 +355,18 @@ def load_preset(path: str | os.PathLike, *, num_classes: int | None = None,
     the preset's (the start of fine-tuning); image_shape: another input size, the position
     embedding resampled to its patch grid (resample_posemb).
     """
-    import h5py  # The one reader of .h5 files; nothing else needs it.
-
     path = Path(path)
     saved = preset_config(path)
     changes = {k: v for k, v in (("num_classes", num_classes), ("image_shape", image_shape))
                if v is not None}
     config = saved.replace(**changes)
-    # A new head needs initial weights; otherwise every array comes from the preset.
     fresh_head = num_classes is not None
+    values = _read_preset(path, saved, config, fresh_head)
+    # A new head needs initial weights; otherwise every array comes from the preset.
     model = ViTHub(config, rngs=nnx.Rngs(seed)) if fresh_head else abstract_model(config)
-    entries = [e for e in weight_table(config) if not fresh_head or e.file == MODEL_WEIGHTS]
-    files = {name: h5py.File(path / name, "r") for name in {e.file for e in entries}}
-    try:
-        for entry in entries:
-            write(model, entry, _adapt_value(entry, _read_entry(files, entry), saved, config))
-    finally:
-        for file in files.values():
-            file.close()
-    check_filled(model)
+    for entry, value in values.items():
+        write(model, entry, _adapt_value(entry, value, saved, config))
+    check_filled(model, PretrainedError)
     return model, config
 
 
@@ -279,9 +397,6 @@ def load_pretrained(path: str | os.PathLike, *, config=None, num_classes: int | 
         if config is None:
             raise ValueError(f"{path.name} holds the seed model's weights only: pass "
                              f"config=the vit_flax.ViTConfig it was built from")
-        # The h5py loader lives in parity.convert (installed with vit_flax; no Keras import).
-        from parity.convert import load_keras_weights
-
         return load_keras_weights(path, config), config
     raise FileNotFoundError(f"{path} is neither a Keras Hub preset directory ("
                             f"{', '.join(BACKBONE_FILES)}), a vit_flax workdir "
