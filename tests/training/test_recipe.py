@@ -70,7 +70,8 @@ def golden_run(package_root: Path) -> dict:
     tiny = {k: v for k, v in TINY.items() if k != "mlp_head_units"} | {"mlp_head_units": [16, 8]}
     # cwd and PYTHONPATH first on sys.path: this vit_flax, not the installed one.
     completed = subprocess.run(
-        [sys.executable, "-c", GOLDEN_RUN, json.dumps(tiny), str(ROOT / "vit_flax/infra/runtime.py")],
+        [sys.executable, "-c", GOLDEN_RUN, json.dumps(tiny),
+         str(ROOT / "vit_flax/infra/runtime.py")],
         capture_output=True, text=True, timeout=600, cwd=package_root,
         env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(package_root)))
     assert completed.returncode == 0, completed.stderr[-3000:]
