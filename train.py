@@ -94,6 +94,8 @@ RUN_FLAGS = {
     "keep_checkpoints": (2, "how many epoch-end checkpoints to keep for resuming"),
     "log_every": (0, "also log the running training loss to TensorBoard every N steps "
                      "(0: epochs only)"),
+    "checkpoint_every": (0, "also checkpoint every N steps inside an epoch, so that a run "
+                            "killed mid-epoch resumes at that step (0: at epoch ends only)"),
     "coordinator_address": (None, "several processes: HOST:PORT of process 0 (starts "
                                   "jax.distributed)"),
     "num_processes": (None, "several processes: how many"),
@@ -129,6 +131,7 @@ OS_ERROR_HINTS = {errno.ENOSPC: _RESUME.format("free space"),
                   errno.EROFS: _RESUME.format("make the file system writable")}
 CHOICES = {"data_in": ("auto", "memory", "stream")}
 INTEGER_FLAGS = {"train_examples", "test_examples", "keep_checkpoints", "log_every",
+                 "checkpoint_every",
                  "num_processes", "process_id"}
 
 

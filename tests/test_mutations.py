@@ -50,10 +50,10 @@ def test_each_epoch_trains_on_its_own_permutation(tmp_path, monkeypatch):
     yielded = []  # Per call of DeviceFeed.batches: (its order, the index rows it yielded).
     original = feeds.DeviceFeed.batches
 
-    def recording_batches(self, order, batch_size):
+    def recording_batches(self, order, batch_size, start=0):
         rows: list[np.ndarray] = []
         yielded.append((np.array(order), rows))
-        for batch in original(self, order, batch_size):
+        for batch in original(self, order, batch_size, start):
             rows.append(np.asarray(batch.index))
             yield batch
 
@@ -268,8 +268,8 @@ def test_sigterm_is_honoured_at_the_next_step_not_at_the_end_of_the_epoch(tmp_pa
     batches = feeds.DeviceFeed.batches
     served = []
 
-    def counting(self, order, batch_size):
-        for i, batch in enumerate(batches(self, order, batch_size)):
+    def counting(self, order, batch_size, start=0):
+        for i, batch in enumerate(batches(self, order, batch_size, start)):
             served.append(i)
             if i == 2 and order.size > 8:  # Training (not validation): 8 steps an epoch.
                 os.kill(os.getpid(), signal.SIGTERM)

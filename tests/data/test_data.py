@@ -568,3 +568,22 @@ def test_from_arrays_rejects_labels_out_of_range(y_train, y_test):
     with pytest.raises(DataError, match=r"labels must be in \[0, 3\)"):
         data.from_arrays(images, np.array(y_train), images[:1], np.array(y_test),
                          class_names=("a", "b", "c"))
+
+
+def test_folder_jpegs_of_twice_the_input_size_are_decoded_in_draft_mode(tmp_path):
+    # 64 px JPEGs read at 8 px: decoded at 1/8 scale by the JPEG decoder (DCT scaling), not
+    # decoded whole and resized; random pixels tell the two apart.
+    for label, name in enumerate(("a", "b")):
+        (tmp_path / "train" / name).mkdir(parents=True)
+        Image.fromarray(random_images(1, 64, seed=label)[0]).save(
+            tmp_path / "train" / name / "x.jpg")
+    train = data.load_folder(tmp_path, input_size=8).train
+    image = train.images[list(train.labels).index(0)]
+    with Image.open(tmp_path / "train" / "a" / "x.jpg") as drafted:
+        drafted.draft("RGB", (8, 8))
+        assert drafted.size == (8, 8)
+        want = np.asarray(drafted.convert("RGB"))
+    with Image.open(tmp_path / "train" / "a" / "x.jpg") as whole:
+        resized = np.asarray(whole.convert("RGB").resize((8, 8), Image.Resampling.BILINEAR))
+    np.testing.assert_array_equal(image, want)
+    assert not np.array_equal(image, resized)

@@ -102,18 +102,18 @@ def with_the_disk_full_at(epoch: int) -> None:
 def at_batch_2_of(epoch: int, action) -> None:
     train_epoch = trainer.train_epoch
 
-    def patched(fit, state, current):
+    def patched(fit, state, current, *args):
         if current == epoch:
             batches = fit.train_feed.batches
 
-            def acting(order, batch_size):
-                for i, batch in enumerate(batches(order, batch_size)):
+            def acting(order, batch_size, start=0):
+                for i, batch in enumerate(batches(order, batch_size, start), start):
                     if i == 2:
                         action()
                     yield batch
 
             fit.train_feed.batches = acting
-        return train_epoch(fit, state, current)
+        return train_epoch(fit, state, current, *args)
 
     trainer.train_epoch = patched
 
@@ -157,12 +157,14 @@ def arguments(folder: Path, workdir: Path) -> list[str]:
             str(EPOCHS), "--workdir", str(workdir)]
 
 
-def train_py(folder: Path, workdir: Path, environment: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "train.py"), *arguments(folder, workdir)],
+def train_py(folder: Path, workdir: Path, environment: dict,
+             *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "train.py"), *arguments(folder, workdir),
+                           *extra],
                           env=environment, capture_output=True, text=True, timeout=600)
 
 
-def stopped(folder: Path, workdir: Path, environment: dict, stop: str):
+def stopped(folder: Path, workdir: Path, environment: dict, stop: str, *extra: str):
     """Run train.py with the stop point `stop`; SIGKILL it once it gets there (unless it
     ends by itself first). Returns (exit status, stdout, stderr)."""
     marker = workdir.with_name(workdir.name + ".marker")
@@ -170,7 +172,7 @@ def stopped(folder: Path, workdir: Path, environment: dict, stop: str):
     paths = [str(REPO / "tests" / "training"), str(REPO / "tests")]
     code = (f"import sys; sys.path[:0] = {paths!r}; import test_resume; "
             f"sys.exit(test_resume.stopped_main())")
-    process = subprocess.Popen([sys.executable, "-c", code, *arguments(folder, workdir)],
+    process = subprocess.Popen([sys.executable, "-c", code, *arguments(folder, workdir), *extra],
                                env=dict(environment, **{STOP: stop, MARKER: str(marker)}),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 600
@@ -313,6 +315,22 @@ def test_sigterm_stops_cleanly_and_resumes(folder, tmp_path, environment, uninte
     completed = train_py(folder, tmp_path, environment)
     assert completed.returncode == 0, completed.stderr[-2000:]
     assert resumed_after(completed.stdout) == 1
+    assert (metrics(tmp_path), outcome(tmp_path)) == uninterrupted
+
+
+def test_a_run_killed_mid_epoch_resumes_at_its_last_step_checkpoint(folder, tmp_path,
+                                                                   environment, uninterrupted):
+    # 108 training images, batches of 8: 14 steps an epoch, a checkpoint every 2 of them.
+    # Killed while batch 2 of epoch 2 is fetched: steps 0 and 1 are done and saved.
+    code, _, stderr = stopped(folder, tmp_path, environment, "in-epoch 2",
+                              "--checkpoint-every", "2")
+    assert code == -signal.SIGKILL, stderr[-2000:]
+    completed = train_py(folder, tmp_path, environment)  # The flag is not needed to resume.
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert re.search(r"^Resuming .* after epoch 1, at step 2 of epoch 2$", completed.stdout,
+                     re.MULTILINE), completed.stdout
+    # The remaining batches, keys and the epoch's running sums as the uninterrupted run had
+    # them: the same history and results, bit for bit on the CPU.
     assert (metrics(tmp_path), outcome(tmp_path)) == uninterrupted
 
 

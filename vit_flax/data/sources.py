@@ -71,6 +71,9 @@ class Splits:
     train: Dataset  # What adapt() sees and what fit() splits into training and validation.
     test: Dataset | None  # None when the source has no test split (an image folder without test/).
     class_names: tuple[str, ...]
+    # A source's own validation split (a TFDS data set's "validation" beside its "test");
+    # None: validate on the last fraction of train, as Keras' validation_split.
+    validation: Dataset | None = None
 
     @property
     def num_classes(self) -> int:
@@ -302,29 +305,48 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return Image.fromarray(pixels.astype(np.uint8)).convert("RGB")
 
 
-def _read_image(path: Path, size: int) -> np.ndarray:
+def prepare_image(image: Image.Image, size: int) -> np.ndarray:
+    """An opened image as the model's input: (size, size, 3) uint8 (load_folder's rules)."""
+    _check_pixel_count(image)
+    # A JPEG much larger than `size` is decoded at 1/2, 1/4 or 1/8 scale (DCT scaling, still
+    # at least size x size): 4x faster from 224 to 32 px, and the resize below then averages
+    # fewer pixels. Both loaders decode through here, so their pixels agree.
+    image.draft(image.mode, (size, size))
+    image = _to_rgb(image)
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(image, np.uint8)
+
+
+def read_image(path: str | os.PathLike, size: int) -> np.ndarray:
+    """One image file as (size, size, 3) uint8, the way load_folder reads each of its files;
+    a DataError naming the file when it cannot be read (or is a decompression bomb)."""
+    return decode_image(path, size, name=path)
+
+
+def decode_image(source, size: int, name) -> np.ndarray:
+    """`source` (a path or a binary file object) decoded as read_image does; errors name
+    `name`."""
     try:
-        with Image.open(path) as image:
-            _check_pixel_count(image)
-            image = _to_rgb(image)
-            if image.size != (size, size):
-                image = image.resize((size, size), Image.Resampling.BILINEAR)
-            return np.asarray(image, np.uint8)
+        with Image.open(source) as image:
+            return prepare_image(image, size)
     except Image.DecompressionBombError as error:
-        raise DataError(f"refusing image {path}: {error} Shrink it, or raise "
+        raise DataError(f"refusing image {name}: {error} Shrink it, or raise "
                         f"PIL.Image.MAX_IMAGE_PIXELS (now {Image.MAX_IMAGE_PIXELS}) if you "
                         f"trust it") from None
     except (UnidentifiedImageError, OSError, ValueError) as error:
-        raise DataError(f"cannot read image {path}: {error}") from None
+        raise DataError(f"cannot read image {name}: {error}") from None
 
 
-def _read_images(files: list[Path], size: int) -> np.ndarray:
-    # Pillow's DecompressionBombWarning would repeat _read_image's refusal of the same image.
-    # The filters are global: set once here, not per (thread-unsafe) call of _read_image.
+def read_images(files, size: int) -> np.ndarray:
+    """Every file decoded into one (N, size, size, 3) array, on a thread per core."""
+    # Pillow's DecompressionBombWarning would repeat read_image's refusal of the same image.
+    # The filters are global: set once here, not per (thread-unsafe) call of read_image.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
-            return np.stack(list(pool.map(lambda p: _read_image(p, size), files)))
+            images = list(pool.map(lambda p: read_image(p, size), files))
+    return np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8)
 
 
 def _class_folders(split_root: Path) -> dict[str, Path]:
@@ -374,28 +396,24 @@ def _test_folders(test_root: Path, class_names: tuple[str, ...]) -> list[Path]:
     return [folders[name] for name in class_names]
 
 
-def _read_dataset(files: list[Path], labels: list[int], size: int) -> Dataset:
+@dataclasses.dataclass(frozen=True)
+class FolderListing:
+    """An image folder's files and labels, listed and checked, nothing decoded: `train` and
+    `test` are (files, labels) in the folder's one fixed shuffled order; test is None
+    without test/."""
+
+    train: tuple[tuple[Path, ...], np.ndarray]
+    test: tuple[tuple[Path, ...], np.ndarray] | None
+    class_names: tuple[str, ...]
+
+
+def _shuffled(files: list[Path], labels: list[int]) -> tuple[tuple[Path, ...], np.ndarray]:
     order = np.random.default_rng(FOLDER_SHUFFLE_SEED).permutation(len(files))
-    images = _read_images([files[i] for i in order], size)
-    return Dataset(images, np.array(labels, np.int32)[order])
+    return tuple(files[i] for i in order), np.array(labels, np.int32)[order]
 
 
-def load_folder(data_dir: str | os.PathLike, input_size: int = 32) -> Splits:
-    """The user's images: data_dir/train/<class>/<image files>, optionally data_dir/test/.
-
-    - Classes are the sorted folder names of train/, at least two; folders named ".*",
-      __MACOSX or __pycache__ are not classes. A class may be a symlink to a folder elsewhere,
-      not to a folder that contains it (a loop) nor to another class's folder (a DataError).
-    - Images are the files whose suffix is that of a format Pillow reads (image_suffixes(): .png,
-      .jpg, .webp, .tif, .bmp, .gif, ...), except hidden ones (".*", e.g. macOS' ._a.jpg).
-      Every class folder must hold at least one; other files are skipped.
-    - test/, when there, must hold the same class folders as train/, each with images.
-    - Images of another size are resized (bilinear) to input_size x input_size; grayscale,
-      RGBA and palette images become RGB; 16-bit images keep their high byte (value >> 8).
-      Images of more than PIL.Image.MAX_IMAGE_PIXELS pixels are refused (decompression bombs).
-    - The examples come in one fixed shuffled order (FOLDER_SHUFFLE_SEED), not class by class.
-    Any breach is a one-line DataError naming the folder or file.
-    """
+def list_folder(data_dir: str | os.PathLike) -> FolderListing:
+    """The files and labels load_folder reads (its rules, its errors), without reading them."""
     root = Path(data_dir).expanduser()
     train_root = root / "train"
     if not root.is_dir():
@@ -409,11 +427,35 @@ def load_folder(data_dir: str | os.PathLike, input_size: int = 32) -> Splits:
                         f"least two (train/<class>/<images>): one class has nothing to tell apart")
     class_names = tuple(classes)
     # Every folder is listed and checked before any image is decoded (that may take minutes).
-    listed = _list_images(list(classes.values()))
+    train = _shuffled(*_list_images(list(classes.values())))
     test_root, test = root / "test", None
     if test_root.is_dir():
-        test = _read_dataset(*_list_images(_test_folders(test_root, class_names)), input_size)
-    return Splits(_read_dataset(*listed, input_size), test, class_names)
+        test = _shuffled(*_list_images(_test_folders(test_root, class_names)))
+    return FolderListing(train, test, class_names)
+
+
+def load_folder(data_dir: str | os.PathLike, input_size: int = 32) -> Splits:
+    """The user's images: data_dir/train/<class>/<image files>, optionally data_dir/test/.
+
+    - Classes are the sorted folder names of train/, at least two; folders named ".*",
+      __MACOSX or __pycache__ are not classes. A class may be a symlink to a folder elsewhere,
+      not to a folder that contains it (a loop) nor to another class's folder (a DataError).
+    - Images are the files whose suffix is that of a format Pillow reads (image_suffixes(): .png,
+      .jpg, .webp, .tif, .bmp, .gif, ...), except hidden ones (".*", e.g. macOS' ._a.jpg).
+      Every class folder must hold at least one; other files are skipped.
+    - test/, when there, must hold the same class folders as train/, each with images.
+    - Images of another size are resized (bilinear) to input_size x input_size (a JPEG of
+      twice that or more is first decoded at 1/2, 1/4 or 1/8 scale: Pillow's draft); grayscale,
+      RGBA and palette images become RGB; 16-bit images keep their high byte (value >> 8).
+      Images of more than PIL.Image.MAX_IMAGE_PIXELS pixels are refused (decompression bombs).
+    - The examples come in one fixed shuffled order (FOLDER_SHUFFLE_SEED), not class by class.
+    Any breach is a one-line DataError naming the folder or file.
+    """
+    listing = list_folder(data_dir)
+    test = None if listing.test is None else Dataset(read_images(listing.test[0], input_size),
+                                                     listing.test[1])
+    return Splits(Dataset(read_images(listing.train[0], input_size), listing.train[1]), test,
+                  listing.class_names)
 
 
 def load(dataset: str, data_dir: str | os.PathLike | None = None, input_size: int = 32) -> Splits:

@@ -61,6 +61,10 @@ class RunProgress:
     history: list = dataclasses.field(default_factory=list)
     best_accuracy: float = -math.inf
     best_epoch: int = 0
+    # A mid-epoch checkpoint's: the steps done in epoch `epoch + 1`, and that epoch's running
+    # metric sums so far (steps.Totals as numbers); 0 and None at an epoch's end.
+    step: int = 0
+    totals: dict | None = None
 
 
 class RunCheckpoints:
@@ -86,14 +90,16 @@ class RunCheckpoints:
                                                enable_async_checkpointing=False)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
-    def save(self, state, progress: RunProgress) -> None:
-        """Checkpoint the end of epoch `progress.epoch`, then delete the steps beyond the
-        last `keep`; a one-line CheckpointError when it cannot be written (disk full, say),
-        leaving the steps saved before as they were."""
+    def save(self, state, progress: RunProgress, number: int | None = None) -> None:
+        """Checkpoint the end of epoch `progress.epoch` (as orbax step `number`, default the
+        epoch: mid-epoch checkpoints number theirs by optimizer steps), then delete the
+        steps beyond the last `keep`; a one-line CheckpointError when it cannot be written
+        (disk full, say), leaving the steps saved before as they were."""
+        number = progress.epoch if number is None else number
         try:
-            saved = self._write(state, progress)
+            saved = self._write(state, progress, number)
         except (OSError, ValueError) as error:  # TensorStore reports I/O errors as ValueError.
-            self._discard_unfinished(progress.epoch)
+            self._discard_unfinished(number)
             steps = self.manager.all_steps()
             kept = f"epoch {max(steps)} stays saved" if steps else "no epoch was saved before"
             raise CheckpointError(f"cannot save epoch {progress.epoch} in {self.directory} "
@@ -104,14 +110,14 @@ class RunCheckpoints:
         for old in sorted(self.manager.all_steps())[:-self.keep]:
             self.manager.delete(old)
 
-    def _write(self, state, progress: RunProgress) -> bool:
+    def _write(self, state, progress: RunProgress, number: int) -> bool:
         meta = dataclasses.asdict(progress)
         meta["best_accuracy"] = None if math.isinf(progress.best_accuracy) else \
             progress.best_accuracy
-        saved = self.manager.save(progress.epoch, args=ocp.args.Composite(
+        saved = self.manager.save(number, args=ocp.args.Composite(
             state=ocp.args.StandardSave(_savable(state)), progress=ocp.args.JsonSave(meta)))
         if saved and _primary():
-            _write_manifest(self._path(progress.epoch))
+            _write_manifest(self._path(number))
         return saved
 
     def _discard_unfinished(self, epoch: int) -> None:

@@ -39,12 +39,14 @@ RESULTS_FILE = "results.json"  # Test metrics, best epoch, config, versions.
 DATA_FILE = "data.json"  # What the run was trained on: data set, directory, class names.
 BEST_CHECKPOINT = "best_checkpoint"  # The best-by-val_accuracy model (orbax).
 RUN_STATE = "run_state"  # One orbax step per finished epoch, for resuming.
+MID_EPOCH_STATE = "mid_epoch_state"  # The last mid-epoch checkpoint (checkpoint_every).
 TENSORBOARD = "tensorboard"  # TensorBoard event files.
 FIGURES = ("loss.png", "top-5-accuracy.png", "patches.png", "attention.png")
 # checkpoints.save_model's temporaries of an atomic replace (left by a kill mid-swap).
 BEST_CHECKPOINT_SWAP = (BEST_CHECKPOINT + ".vit_flax-new", BEST_CHECKPOINT + ".vit_flax-old")
 OWN_ENTRIES = (MARKER, LOCK, CONFIG_FILE, HISTORY_FILE, RESULTS_FILE, DATA_FILE,
-               BEST_CHECKPOINT, *BEST_CHECKPOINT_SWAP, RUN_STATE, TENSORBOARD, *FIGURES)
+               BEST_CHECKPOINT, *BEST_CHECKPOINT_SWAP, RUN_STATE, MID_EPOCH_STATE, TENSORBOARD,
+               *FIGURES)
 OWN_PREFIX = BEST_CHECKPOINT + ".vit_flax-"  # The swap's names and orbax's partial writes.
 # A longer run may continue a shorter one: the only field allowed to change on resume.
 RESUMABLE_CHANGES = {"epochs"}

@@ -23,12 +23,16 @@ def new_model(config: ViTConfig, rngs: nnx.Rngs) -> Model:
     return ViT(config, rngs=rngs)
 
 
-def create_model(config: ViTConfig, train_images: np.ndarray | None = None) -> Model:
+def create_model(config: ViTConfig, train_images: np.ndarray | None = None, *,
+                 statistics: tuple | None = None) -> Model:
     """A freshly initialised model of `config` (weights from nnx.Rngs(config.seed)), its
-    Normalization adapted on `train_images` when given (as the seed adapts on x_train);
-    without them it normalizes with mean 0 and variance 1."""
+    Normalization adapted on `train_images` when given (as the seed adapts on x_train), or
+    set to `statistics` (mean, variance, count: what adapt computes, computed elsewhere);
+    without either it normalizes with mean 0 and variance 1."""
     model = new_model(config, nnx.Rngs(config.seed))
-    if train_images is not None:
+    if statistics is not None:
+        model.data_augmentation.normalization.set_statistics(*statistics)
+    elif train_images is not None:
         model.data_augmentation.normalization.adapt(np.asarray(train_images))
     return model
 

@@ -102,10 +102,13 @@ class Normalization(nnx.Module):
     def adapt(self, images: np.ndarray) -> None:
         """Normalization.adapt(images): the images' per-channel mean and variance. Keras'
         adapt leaves `count` at 0; here it holds the number of images (nothing reads it)."""
-        mean, variance = augment.channel_statistics(images)
+        self.set_statistics(*augment.channel_statistics(images), len(images))
+
+    def set_statistics(self, mean: np.ndarray, variance: np.ndarray, count: int) -> None:
+        """adapt's result computed elsewhere (a split streamed from disk, in chunks)."""
         self.mean[...] = jnp.asarray(mean)
         self.variance[...] = jnp.asarray(variance)
-        self.count[...] = jnp.asarray(len(images), jnp.int32)
+        self.count[...] = jnp.asarray(count, jnp.int32)
 
     def __call__(self, images: jax.Array) -> jax.Array:
         return augment.normalize(images, self.mean[...], self.variance[...])

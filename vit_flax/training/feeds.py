@@ -11,7 +11,6 @@ feed yields `steps.Batch` tuples the same step consumes, `start` batches into th
 from __future__ import annotations
 
 import collections
-import os
 import time
 import warnings
 
@@ -137,9 +136,7 @@ class StreamFeed:
         self.images, self.labels = stream.as_lazy(dataset.images), np.asarray(dataset.labels)
         self.mesh, self.size = mesh, len(dataset)
         self.workers = stream.default_workers() if workers is None else workers
-        # Rows decoded at once by each worker; without workers, a thread per core here
-        # (Pillow decodes with the GIL released).
-        self.threads = threads or (2 if self.workers else max(2, os.cpu_count() or 1))
+        self.threads = threads or stream.default_threads(self.workers)
         self.reported: set[str] = set()
         self.wait_seconds, self.skipped = 0.0, 0
 
@@ -186,7 +183,7 @@ class StreamFeed:
         local[local_rows] = np.arange(len(local_rows))
         sharding = parallel.batch_sharded(self.mesh)
         images = jax.make_array_from_callback((len(labels), *pixels.shape[1:]), sharding,
-                                              lambda at: pixels[local[at[0]]])
+                                              lambda at: _rows(pixels, local[at[0]]))
         index = index[0] if squeeze else index
         return Batch(images, parallel.put_global(labels, sharding),
                      parallel.put_global(index, parallel.batch_sharded(self.mesh,
@@ -198,6 +195,14 @@ class StreamFeed:
             self.reported.add(message)
             warnings.warn(f"{message}; its example is left out of the step (as padding) and "
                           f"the epoch goes on", BadImageWarning, stacklevel=4)
+
+
+def _rows(pixels: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """pixels[rows]; a view (no copy of the batch) when the rows are consecutive, as a
+    device's rows of this process' part are."""
+    if len(rows) and np.array_equal(rows, np.arange(rows[0], rows[0] + len(rows))):
+        return pixels[rows[0]:rows[0] + len(rows)]
+    return pixels[rows]
 
 
 def make_feed(dataset: data_lib.Dataset, mesh, on_device: bool | None = None,

@@ -66,7 +66,8 @@ VARIED_FIELDS = ("seed", "learning_rate", "weight_decay")
 GROUP_MARKER = ".vit_flax-group.json"  # This directory is a group; holds its runs' configs.
 RUNS = "runs"
 SUMMARY_FILE = "summary.json"
-GROUP_ENTRIES = (GROUP_MARKER, layout.LOCK, RUNS, layout.RUN_STATE, SUMMARY_FILE)
+GROUP_ENTRIES = (GROUP_MARKER, layout.LOCK, RUNS, layout.RUN_STATE, layout.MID_EPOCH_STATE,
+                 SUMMARY_FILE)
 TEST_METRICS = ("test_accuracy", "test_top-5-accuracy")
 # The marker's format. 1: markers without the key, written before it existed (same layout,
 # they resume); a larger number is a newer vit_flax's layout, which this one refuses.
@@ -346,7 +347,8 @@ def delete_group(path: Path, saved: dict) -> None:
         run = runs / name
         if run.is_dir() and not run.is_symlink() and layout.is_run(run):
             layout.delete_run(run)
-    if (path / layout.RUN_STATE).is_dir():
-        shutil.rmtree(path / layout.RUN_STATE)
+    for state in (layout.RUN_STATE, layout.MID_EPOCH_STATE):
+        if (path / state).is_dir() and not (path / state).is_symlink():
+            shutil.rmtree(path / state)
     (path / SUMMARY_FILE).unlink(missing_ok=True)
     (path / GROUP_MARKER).unlink()

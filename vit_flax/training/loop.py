@@ -14,23 +14,26 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from vit_flax.config import ConfigError, ViTConfig
 from vit_flax.data import sources as data_lib
+from vit_flax.data import stream
 from vit_flax.infra import parallel
 from vit_flax.infra import workdir as layout
 from vit_flax.infra.checkpoints import RunCheckpoints, RunProgress, restore_model, save_model
 from vit_flax.infra.signals import Interrupted, StopSignals
-from vit_flax.models import Model
+from vit_flax.models import Model, augment, create_model
 from vit_flax.training import feeds, group, reporting, steps
 from vit_flax.training.options import RunOptions, with_fields
 from vit_flax.training.setup import create_train_state
@@ -87,6 +90,12 @@ class Fit:
     data_on_device: bool | None = None  # The feed choice (None: automatic).
     stop: StopSignals | None = None
     log_every: int = 0
+    checkpoint_every: int = 0  # Steps between mid-epoch checkpoints (0: none).
+    mid_epoch: RunCheckpoints | None = None  # Where they go.
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return -(-self.train_feed.size // self.config.batch_size)
 
     @property
     def config(self) -> ViTConfig:  # What the members share.
@@ -120,8 +129,9 @@ def prepare_fit(members: list[Member], models: Sequence[Model], train_set: data_
     memory = None
     if stacked:
         memory = group.step_memory_bytes(train_step)
-        group.check_fits(memory, len(members), train_set.images.nbytes
-                         + train_set.labels.nbytes, mesh)
+        on_device = 0 if isinstance(train_feed, feeds.StreamFeed) else \
+            train_set.images.nbytes + train_set.labels.nbytes
+        group.check_fits(memory, len(members), on_device, mesh)
     fit = Fit(members, stacked, mesh, setup.graphdef, setup.statistics, train_step,
               setup.eval_step, train_feed, validation_feed, time.perf_counter() - started,
               memory, data_on_device)
@@ -137,18 +147,27 @@ def epoch_orders(fit: Fit, epoch: int) -> np.ndarray:
     return orders if fit.stacked else orders[0]
 
 
-def train_epoch(fit: Fit, state: steps.TrainState,
-                epoch: int) -> tuple[steps.TrainState, list[dict] | None]:
+def train_epoch(fit: Fit, state: steps.TrainState, epoch: int, start: int = 0,
+                totals: steps.Totals | None = None
+                ) -> tuple[steps.TrainState, list[dict] | None]:
     """One epoch of training and validation: (state, a history row per member, each with
     its first_nonfinite_step), or (state, None) when a stop signal arrived during it (the
-    partial epoch is abandoned)."""
+    partial epoch is abandoned). `start` and `totals`: a mid-epoch resume's steps done and
+    running sums. Each row says how long the epoch waited for its data."""
     config = fit.config
     started = time.perf_counter()
     order = epoch_orders(fit, epoch)
-    progress = reporting.Progress(epoch, config.epochs, -(-order.shape[-1] // config.batch_size))
-    totals = fit.zero_totals()
+    progress = reporting.Progress(epoch, config.epochs, fit.steps_per_epoch)
+    totals = fit.zero_totals() if totals is None else totals
+    batches = iter(fit.train_feed.batches(order, config.batch_size, start=start))
+    waited = 0.0
     with contextlib.closing(progress):
-        for i, batch in enumerate(fit.train_feed.batches(order, config.batch_size)):
+        for i in itertools.count(start):
+            asked = time.perf_counter()
+            batch = next(batches, None)
+            waited += time.perf_counter() - asked
+            if batch is None:
+                break
             if fit.stop is not None and fit.stop.requested:
                 return state, None
             previous = totals
@@ -156,19 +175,47 @@ def train_epoch(fit: Fit, state: steps.TrainState,
             progress.update(i, previous)
             if fit.log_every and i and i % fit.log_every == 0:
                 _log_step(fit, state, previous)
+            if fit.checkpoint_every and (i + 1) % fit.checkpoint_every == 0 \
+                    and i + 1 < fit.steps_per_epoch:
+                save_mid_epoch(fit, state, epoch, i + 1, totals)
         rows = [{"epoch": epoch, **means} for means in fit.run_means(totals)]  # Waits.
     train_seconds = time.perf_counter() - started
-    if fit.validation_feed is not None:
-        validation = evaluate(fit.eval_step, state.params, fit.statistics, fit.validation_feed,
-                              config.batch_size, fit.zero_totals(), fit.run_means)
-        for row, means in zip(rows, validation, strict=True):
-            row.update({f"val_{name}": value for name, value in means.items()})
+    _validate(fit, state, rows)
     flags = np.atleast_1d(np.asarray(totals.first_nonfinite_step))
     for row, flag in zip(rows, flags, strict=True):
         row.update(epoch_seconds=time.perf_counter() - started,
                    images_per_second=fit.train_feed.size / train_seconds,
-                   first_nonfinite_step=int(flag))
+                   data_wait=waited / train_seconds, first_nonfinite_step=int(flag))
     return state, rows
+
+
+def _validate(fit: Fit, state, rows: list[dict]) -> None:
+    if fit.validation_feed is not None:
+        validation = evaluate(fit.eval_step, state.params, fit.statistics, fit.validation_feed,
+                              fit.config.batch_size, fit.zero_totals(), fit.run_means)
+        for row, means in zip(rows, validation, strict=True):
+            row.update({f"val_{name}": value for name, value in means.items()})
+
+
+def save_mid_epoch(fit: Fit, state, epoch: int, step: int, totals: steps.Totals) -> None:
+    """A checkpoint inside epoch `epoch`, after `step` of its steps: the state, and the
+    epoch's running sums (a resume continues them, so the epoch's row is the one an
+    uninterrupted run writes). Numbered by optimizer steps, the last one kept."""
+    host = jax.device_get(totals)
+    progress = dataclasses.replace(
+        saved_progress(fit, epoch - 1), step=step,
+        totals={"sums": {k: np.asarray(v).tolist() for k, v in host.sums.items()},
+                "count": np.asarray(host.count).tolist(),
+                "first_nonfinite_step": np.asarray(host.first_nonfinite_step).tolist()})
+    fit.mid_epoch.save(state, progress, (epoch - 1) * fit.steps_per_epoch + step)
+
+
+def _totals_of(saved: dict) -> steps.Totals:
+    """The running sums a mid-epoch checkpoint holds, as the step made them (float32)."""
+    return steps.Totals(sums={k: jnp.asarray(v, jnp.float32) for k, v in saved["sums"].items()},
+                        count=jnp.asarray(saved["count"], jnp.float32),
+                        first_nonfinite_step=jnp.asarray(saved["first_nonfinite_step"],
+                                                         jnp.int32))
 
 
 def _log_step(fit: Fit, state: steps.TrainState, previous: steps.Totals) -> None:
@@ -222,14 +269,15 @@ def saved_progress(fit: Fit, done: int) -> RunProgress:
 
 
 def fit_epochs(fit: Fit, state, done: int, checkpoints: RunCheckpoints, workdir: Path,
-               log) -> None:
+               log, start: int = 0, totals: steps.Totals | None = None) -> None:
     """The epochs left, while any member trains: train, record, checkpoint, write the
     histories. A solo run whose loss goes non-finite stops the loop; a group's run stops
     alone and the others go on (the runs of a vmapped step never mix)."""
     for epoch in range(done + 1, fit.config.epochs + 1):
         if all(member.stopped for member in fit.members):
             break
-        state, rows = train_epoch(fit, state, epoch)
+        state, rows = train_epoch(fit, state, epoch, start, totals)
+        start, totals = 0, None
         if rows is None:
             raise Interrupted(f"{fit.stop.requested}: stopped in epoch {epoch}; {workdir} holds "
                               f"epoch {done}: run the same command to resume")
@@ -253,11 +301,17 @@ def _stop_nonfinite(fit: Fit) -> None:
 
 
 def resume(checkpoints: RunCheckpoints, state, fit: Fit, workdir: Path, log):
-    """(state, epochs done): the last checkpoint's, or the fresh state and 0."""
+    """(state, epochs done, steps done in the next epoch, its running sums): the last
+    checkpoint's (a mid-epoch one when it is newer than the last epoch's end), or the
+    fresh state, 0, 0, None."""
     restored = checkpoints.restore_latest(state)
-    if restored is None:
-        return state, 0
-    state, progress = restored
+    progress = restored[1] if restored else RunProgress()
+    state = restored[0] if restored else state
+    middle = fit.mid_epoch.restore_latest(state) if fit.mid_epoch is not None else None
+    if middle is not None and middle[1].epoch == progress.epoch and middle[1].step:
+        state, progress = middle
+    if not progress.epoch and not progress.step:
+        return state, 0, 0, None
     if progress.epoch > fit.config.epochs:
         raise ConfigError(f"workdir={workdir} holds {progress.epoch} trained epochs, more than "
                           f"epochs={fit.config.epochs}; give epochs >= {progress.epoch} to "
@@ -265,9 +319,11 @@ def resume(checkpoints: RunCheckpoints, state, fit: Fit, workdir: Path, log):
     if fit.stacked:
         group.unpack(progress, fit.members)
     else:
-        fit.members[0].progress = progress
-    log(f"Resuming {workdir} after epoch {progress.epoch}")
-    return parallel.put_replicated(state, fit.mesh), progress.epoch
+        fit.members[0].progress = dataclasses.replace(progress, step=0, totals=None)
+    within = f", at step {progress.step} of epoch {progress.epoch + 1}" if progress.step else ""
+    log(f"Resuming {workdir} after epoch {progress.epoch}{within}")
+    totals = _totals_of(progress.totals) if progress.step else None
+    return parallel.put_replicated(state, fit.mesh), progress.epoch, progress.step, totals
 
 
 def train_and_validation(splits: data_lib.Splits, config: ViTConfig):
@@ -276,6 +332,25 @@ def train_and_validation(splits: data_lib.Splits, config: ViTConfig):
     if getattr(splits, "validation", None) is not None:
         return splits.train, splits.validation
     return data_lib.validation_split(splits.train, config.validation_split)
+
+
+def warn_of_unseen_classes(train_set, validation_set, fraction: float, log) -> None:
+    """Keras' validation_split takes the *last* fraction of the arrays, unshuffled: arrays
+    stored class by class validate on classes training never sees (val_accuracy 0). The
+    rule stays Keras'; one warning line says so, and the fix."""
+    if not len(validation_set):
+        return
+    seen = set(np.unique(train_set.labels).tolist())
+    held = set(np.unique(validation_set.labels).tolist())
+    unseen = sorted(held - seen)
+    if not unseen and (len(held) > 1 or len(seen) == 1):
+        return
+    what = (f"classes {', '.join(map(str, unseen[:5]))}{' ...' if len(unseen) > 5 else ''} "
+            f"that the training part lacks" if unseen else f"a single class ({min(held)})")
+    log(f"warning: the validation part (the last {fraction:g} of the training examples, "
+        f"as Keras' validation_split takes it) holds {what}: are the examples stored class "
+        f"by class? Shuffle them once before training (e.g. with np.random.permutation), "
+        f"or give validation_split=0")
 
 
 def _write_json(path: Path, value) -> None:
@@ -352,7 +427,8 @@ def _train_members(members: list[Member], splits: data_lib.Splits, workdir: Path
         layout.Lock(workdir).refuse_if_held()
         layout.check_claim(workdir, members[0].config, overwrite=options.overwrite,
                            allow_non_empty=options.allow_non_empty)
-    models = {id(m): _initial_model(m.config, splits, options.init_from, log)
+    statistics = normalization_statistics(splits.train.images)  # One pass for every member.
+    models = {id(m): _initial_model(m.config, statistics, options.init_from, log)
               for m in members}
     with contextlib.ExitStack() as held:
         if main:  # A resumed group comes back in its saved order.
@@ -379,11 +455,16 @@ def _claim(workdir: Path, members: list[Member], held: contextlib.ExitStack,
     return members
 
 
-def _initial_model(config: ViTConfig, splits: data_lib.Splits, init_from, log) -> Model:
-    # As the seed: Normalization is adapted on all training images, the validation part too.
-    from vit_flax.models import create_model
+def normalization_statistics(images) -> tuple:
+    """What Normalization.adapt computes of the training images (as the seed: all of them,
+    the validation part too): from arrays, or in one streamed pass over lazy images."""
+    if isinstance(images, stream.LazyImages):
+        return (*stream.channel_statistics(images), len(images))
+    return (*augment.channel_statistics(np.asarray(images)), len(images))
 
-    model = create_model(config, splits.train.images)
+
+def _initial_model(config: ViTConfig, statistics: tuple, init_from, log) -> Model:
+    model = create_model(config, statistics=statistics)
     if init_from is not None:
         source = finetune.load_source(init_from)
         report = finetune.initialize_from(model, source)
@@ -400,24 +481,29 @@ def _train_in(members: list[Member], models, splits, workdir: Path, options: Run
               mesh, stacked: bool, data: dict | None):
     config = members[0].config
     train_set, validation_set = train_and_validation(splits, config)
+    if getattr(splits, "validation", None) is None:
+        warn_of_unseen_classes(train_set, validation_set, config.validation_split, log)
     fit, state = prepare_fit(members, models, train_set, validation_set, mesh,
                              options.data_on_device, stacked)
-    fit.log_every = options.log_every
+    fit.log_every, fit.checkpoint_every = options.log_every, options.checkpoint_every
     log(_start_line(fit, len(train_set), len(validation_set)))
     described = describe_data(data, splits, len(train_set), options)
-    with contextlib.closing(RunCheckpoints(workdir / layout.RUN_STATE, options.keep_checkpoints,
-                                          log)) as checkpoints:
-        state, done = resume(checkpoints, state, fit, workdir, log)
-        if done:
+    with contextlib.ExitStack() as held:
+        checkpoints = held.enter_context(contextlib.closing(RunCheckpoints(
+            workdir / layout.RUN_STATE, options.keep_checkpoints, log)))
+        fit.mid_epoch = _mid_epoch_checkpoints(workdir, options, log)
+        if fit.mid_epoch is not None:
+            held.enter_context(contextlib.closing(fit.mid_epoch))
+        state, done, start, totals = resume(checkpoints, state, fit, workdir, log)
+        if done or start:
             check_same_data(fit.members, described)
         # After resume's checks: a refused resume leaves the runs' files as they were.
         _write_run_files(fit, models, train_set, described)
-        with StopSignals() as stop, contextlib.ExitStack() as logs:
-            fit.stop = stop
-            for member in fit.members:
-                member.events = logs.enter_context(reporting.EventLog(member.directory,
-                                                                      member.config))
-            fit_epochs(fit, state, done, checkpoints, workdir, log)
+        fit.stop = held.enter_context(StopSignals())
+        for member in fit.members:
+            member.events = held.enter_context(reporting.EventLog(member.directory,
+                                                                  member.config))
+        fit_epochs(fit, state, done, checkpoints, workdir, log, start, totals)
     all_results = _finish(fit, splits, log)
     for member, results in zip(fit.members, all_results, strict=True):
         results.update(compile_seconds=fit.compile_seconds, train_examples=len(train_set),
@@ -426,6 +512,15 @@ def _train_in(members: list[Member], models, splits, workdir: Path, options: Run
             results.update(group=str(workdir), stopped=member.stopped)
         _write_json(member.directory / layout.RESULTS_FILE, results)
     return fit, all_results
+
+
+def _mid_epoch_checkpoints(workdir: Path, options: RunOptions, log) -> RunCheckpoints | None:
+    """Where mid-epoch checkpoints go: opened when asked for, or when a run that asked for
+    them left one (a resume continues from it whatever checkpoint_every says now)."""
+    directory = workdir / layout.MID_EPOCH_STATE
+    if not options.checkpoint_every and not directory.is_dir():
+        return None
+    return RunCheckpoints(directory, 1, log)
 
 
 def _start_line(fit: Fit, train_examples: int, validation_examples: int) -> str:
@@ -479,7 +574,7 @@ def _write_run_files(fit: Fit, models, train_set, described: dict) -> None:
         _write_json(member.directory / layout.CONFIG_FILE, json.loads(member.config.to_json()))
         _write_json(member.directory / DATA_FILE, described)
         if parallel.is_main_process() and len(train_set):
-            reporting.plot_patches(model, train_set.images[0],
+            reporting.plot_patches(model, np.asarray(train_set.images[0]),
                                    member.directory / "patches.png")
 
 
@@ -518,7 +613,7 @@ def _plot_results(member: Member, test_set) -> None:
     if member.progress.best_epoch and test_set is not None and len(test_set):
         best = restore_model(member.directory / layout.BEST_CHECKPOINT, member.config)
         if main:
-            reporting.plot_attention(best, test_set.images[:ATTENTION_IMAGES],
+            reporting.plot_attention(best, np.asarray(test_set.images[:ATTENTION_IMAGES]),
                                      member.directory / "attention.png")
 
 

@@ -22,12 +22,14 @@ class RunOptions:
     log_every: int = 0  # Also log the running training loss every N steps (0: epochs only).
     init_from: str | os.PathLike | None = None  # A workdir or preset to fine-tune from.
     data_in: str = "auto"  # auto: on the devices when the split fits; memory; stream.
+    checkpoint_every: int = 0  # Also checkpoint every N steps inside an epoch (0: never).
 
     def __post_init__(self):
         if self.keep_checkpoints < 1:
             raise ConfigError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
-        if self.log_every < 0:
-            raise ConfigError(f"log_every must be >= 0, got {self.log_every}")
+        for name in ("log_every", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.data_in not in DATA_IN:
             raise ConfigError(f"data_in must be one of {', '.join(DATA_IN)}, got "
                               f"{self.data_in!r}")

@@ -98,7 +98,10 @@ def epoch_line(row: dict, epochs: int) -> str:
     line = (f"Epoch {row['epoch']}/{epochs} - {row['epoch_seconds']:.1f}s - "
             + metrics_line("", {k: row[k] for k in METRIC_NAMES}))
     validation = {k: row[k] for k in row if k.startswith("val_")}
-    return line + (" - " + metrics_line("", validation) if validation else "")
+    line += " - " + metrics_line("", validation) if validation else ""
+    # The share of the epoch spent waiting for batches: the loader, not the model, is slow
+    # when it is large.
+    return line + (f" - data wait: {row['data_wait']:.1%}" if "data_wait" in row else "")
 
 
 def versions() -> dict[str, str]:

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from vit_flax.config import ConfigError, ViTConfig
-from vit_flax.data import sources as data_lib
+from vit_flax.data import stream
 from vit_flax.infra import runtime
 from vit_flax.infra.workdir import ensure_directory
 from vit_flax.training import group
@@ -48,7 +48,9 @@ def run(config: ViTConfig | Sequence[ViTConfig], data: DataSpec | None = None,
                               processes.process_id)
     _process_settings(unroll_threefry, compilation_cache)
     ensure_directory(workdir)  # Fail on an unusable workdir before the data is read.
-    splits = data_lib.load(data.dataset, data.data_dir, configs[0].input_size)
+    # Folders and TFDS data sets open lazily: their images are decoded when a feed reads
+    # them (in memory when they fit, streamed when not: RunOptions.data_in).
+    splits = stream.open_source(data.dataset, data.data_dir, configs[0].input_size)
     splits = dataclasses.replace(splits, train=splits.train.take(data.train_examples),
                                  test=splits.test and splits.test.take(data.test_examples))
     described = {"dataset": data.dataset, "data_dir": data.data_dir}
