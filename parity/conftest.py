@@ -7,6 +7,8 @@ weights build their own, at the small config.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 import parity
@@ -25,6 +27,15 @@ def record(request):
         request.node.user_properties.append((MEASURED, (what, float(worst), tolerance)))
 
     return record
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every parity test builds or trains a Keras model: all are `slow`, left out of the
+    quick tier (pytest -m "not slow"); CI runs them."""
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(item.fspath).parents:
+            item.add_marker(pytest.mark.slow)
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -40,6 +40,41 @@ def pytest_configure(config):
         config.vit_flax_cache_owner = True
 
 
+# The test files that take longest (seconds measured on 2 busy cores, --durations), longest
+# first: pytest-xdist hands them out before the rest, so that no long file starts last and
+# leaves one worker running alone at the end (longest processing time first). Without this,
+# --dist loadfile hands out the files with the most tests first, whatever their time.
+LONGEST_FIRST = (
+    "parity/test_keras_hub.py",
+    "tests/test_cli.py",
+    "tests/infra/test_multiprocess.py",
+    "tests/infra/test_parallel.py",
+    "tests/infra/test_checkpoints.py",
+    "tests/training/test_resume.py",
+    "tests/training/test_group.py",
+    "tests/models/test_hub_vit.py",
+)
+
+
+# The `slow` tests of files edited elsewhere (the others carry @pytest.mark.slow where they
+# are): they train end to end or start processes. Each name must be one the file has.
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """--dist loadfile, LONGEST_FIRST's files first; None (xdist's own) for any other --dist."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class LongestFirst(LoadFileScheduling):
+        def _assign_work_unit(self, node):
+            for scope in reversed(LONGEST_FIRST):
+                if scope in self.workqueue:
+                    self.workqueue.move_to_end(scope, last=False)
+            super()._assign_work_unit(node)
+
+    return LongestFirst(config, log)
+
+
 def pytest_unconfigure(config):
     if getattr(config, "vit_flax_cache_owner", False):
         shutil.rmtree(os.environ.pop(SHARED_CACHE), ignore_errors=True)
@@ -60,6 +95,45 @@ def compilation_cache_for_the_session():
         os.environ.pop("VIT_FLAX_CACHE", None)
     else:
         os.environ["VIT_FLAX_CACHE"] = previous
+
+
+def _cpu_threefry_rule():
+    """(JAX's table of CPU lowering rules, the threefry primitive), or None where this JAX
+    has neither under the names runtime.unroll_threefry_on_cpu knows."""
+    import importlib
+
+    try:
+        from jax._src.interpreters import mlir
+    except ImportError:
+        return None
+    for name in ("jax._src.random.threefry2x32", "jax._src.prng"):
+        try:
+            primitive = importlib.import_module(name).threefry2x32_p
+        except (ImportError, AttributeError):
+            continue
+        return mlir._platform_specific_lowerings["cpu"], primitive
+    return None
+
+
+@pytest.fixture(autouse=True)
+def threefry_lowering_as_before():
+    """A test that calls vit_flax.run (train.main) in this process switches JAX's CPU
+    lowering of threefry to the unrolled one for the whole process; put back what was there,
+    so that the next tests compile as they would alone (and ~4x faster: the tiny train step
+    compiles in ~8 s rolled, ~30 s unrolled) and their programs are the same whatever ran
+    before them in this worker (the shared compilation cache finds them)."""
+    found = _cpu_threefry_rule()
+    if found is None:
+        yield
+        return
+    rules, primitive = found
+    before = rules.get(primitive)
+    yield
+    if rules.get(primitive) is not before:
+        if before is None:
+            rules.pop(primitive, None)
+        else:
+            rules[primitive] = before
 
 
 @pytest.fixture

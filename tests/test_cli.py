@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import urllib.request
@@ -22,11 +23,12 @@ from conftest import TINY, TINY_FLAGS, random_images, write_image_folder
 
 import vit_flax
 import vit_flax.data.sources
+import vit_flax.infra.workdir
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 HISTORY_KEYS = {"epoch", "loss", "accuracy", "top-5-accuracy", "val_loss", "val_accuracy",
-                "val_top-5-accuracy", "epoch_seconds", "images_per_second"}
+                "val_top-5-accuracy", "epoch_seconds", "images_per_second", "data_wait"}
 
 
 def load_train_module():
@@ -54,10 +56,21 @@ def run_train_py(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
-def test_train_py_end_to_end(image_folder, tmp_path):
-    workdir = tmp_path / "run"
+@pytest.fixture(scope="module")
+def trained_by_train_py(tmp_path_factory):
+    """(train.py's process, its image folder, its workdir): one real run, read by the tests
+    below (a test that changes the workdir changes a copy of it)."""
+    root = tmp_path_factory.mktemp("train_py")
+    image_folder = write_image_folder(root / "images", train_per_class=12, test_per_class=4)
+    workdir = root / "run"
     done = run_train_py(*TINY_FLAGS, "--dataset", "folder", "--data-dir", str(image_folder),
                         "--epochs", "1", "--workdir", str(workdir))
+    return done, image_folder, workdir
+
+
+@pytest.mark.slow
+def test_train_py_end_to_end(trained_by_train_py):
+    done, image_folder, workdir = trained_by_train_py
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr
 
@@ -98,6 +111,7 @@ def test_train_py_end_to_end(image_folder, tmp_path):
     assert logits.shape == (5, 3) and np.isfinite(logits).all()
 
 
+@pytest.mark.slow
 def test_bad_input_in_a_real_process(tmp_path):
     done = run_train_py("--dataset", "folder", "--data-dir", str(tmp_path / "nowhere"),
                         "--workdir", str(tmp_path / "run"))
@@ -185,6 +199,7 @@ def test_workdir_that_is_a_file_is_a_one_line_error(images, tmp_path, capsys):
     assert "is a file" in one_error_line(capsys)
 
 
+@pytest.mark.slow
 def test_zero_epochs_trains_nothing(image_folder, tmp_path, capsys):
     # epochs=0 is a valid config (>= 0): fit(epochs=0) trains nothing, so no epoch improves
     # and no checkpoint is written; there are no best weights to evaluate on test.
@@ -200,9 +215,19 @@ def test_zero_epochs_trains_nothing(image_folder, tmp_path, capsys):
         vit_flax.load(workdir)
 
 
-def test_every_config_field_has_its_flag_with_the_configs_default():
+@pytest.fixture(scope="module")
+def help_text() -> str:
+    """What `train.py --help` prints (test_help_in_a_real_process_is_the_parsers), unwrapped:
+    the parser train.main builds, without a process of its own."""
+    parser = train.build_parser(vit_flax.ViTConfig, vit_flax.config.RECIPES,
+                                vit_flax.config.MODELS)
+    parser.prog = "train.py"
+    return " ".join(parser.format_help().split())
+
+
+def test_every_config_field_has_its_flag_with_the_configs_default(help_text):
     fields = dataclasses.fields(vit_flax.ViTConfig)
-    parser_flags = set(re.findall(r"(--[a-z0-9-]+)", train_help()))
+    parser_flags = set(re.findall(r"(--[a-z0-9-]+)", help_text))
     for field in fields:
         assert (train.flag(field.name) in parser_flags) == field.metadata["flag"], field.name
     args, _ = train.parse_args([], vit_flax.ViTConfig, vit_flax.config.RECIPES,
@@ -215,15 +240,16 @@ def test_every_config_field_has_its_flag_with_the_configs_default():
     assert from_flags == vit_flax.ViTConfig()  # The defaults are the seed's, in one place.
 
 
-def train_help() -> str:
+@pytest.mark.slow
+def test_help_in_a_real_process_is_the_parsers(help_text):
     done = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    return done.stdout
+    assert " ".join(done.stdout.split()) == help_text
 
 
-def test_help_gives_each_flag_its_meaning_default_and_choices():
-    text = " ".join(train_help().split())  # Unwrapped.
+def test_help_gives_each_flag_its_meaning_default_and_choices(help_text):
+    text = help_text
     assert "--head {flatten,gap,cls} how tokens become one vector" in text
     assert "--learning-rate LEARNING_RATE AdamW learning rate; a comma list trains one run " \
            "per value, together (see --seeds) (default: 0.001)" in text
@@ -246,34 +272,50 @@ def test_library_errors_name_arguments_and_the_cli_names_flags(tmp_path, capsys)
     assert one_error_line(capsys) == "error: --keep-checkpoints must be >= 1, got 0"
 
 
-def test_a_messages_advice_is_a_command_line_that_runs(images, tmp_path, capsys):
-    assert train.main(folder_args(images, tmp_path)) == 0
-    capsys.readouterr()
-    other = folder_args(images, tmp_path, "--learning-rate", "0.01")
-    assert train.main(other) == 2
+def as_train_py_ran(trained_by_train_py, workdir: Path, *extra: str) -> list[str]:
+    """The command of trained_by_train_py in another workdir: its compiled programs are in
+    the session's compilation cache, so this process loads them instead of compiling."""
+    _, image_folder, _ = trained_by_train_py
+    return [*TINY_FLAGS, "--dataset", "folder", "--data-dir", str(image_folder), "--epochs",
+            "1", "--workdir", str(workdir), *extra]
+
+
+@pytest.mark.slow
+def test_a_messages_advice_is_a_command_line_that_runs(trained_by_train_py, tmp_path, capsys):
+    # A run of another configuration: train.py's, its marker saying learning_rate 0.01.
+    workdir = tmp_path / "run"
+    shutil.copytree(trained_by_train_py[2], workdir)
+    marker = workdir / vit_flax.infra.workdir.MARKER
+    saved = json.loads(marker.read_text())
+    marker.write_text(json.dumps(saved | {"config": saved["config"] | {"learning_rate": 0.01}}))
+    command = as_train_py_ran(trained_by_train_py, workdir)
+    assert train.main(command) == 2
     message = one_error_line(capsys)
     assert "differs in --learning-rate); use another workdir, or --overwrite to delete" in message
-    assert train.main([*other, "--overwrite"]) == 0  # The advice, as given, runs.
+    assert train.main([*command, "--overwrite"]) == 0  # The advice, as given, runs.
+    assert json.loads(marker.read_text())["config"]["learning_rate"] == 0.001
     stranger = tmp_path / "notes"
     stranger.mkdir()
     (stranger / "notes.txt").write_text("mine")
-    beside = [*folder_args(images, tmp_path), "--workdir", str(stranger)]
+    beside = as_train_py_ran(trained_by_train_py, stranger)
     assert train.main(beside) == 2
     assert "or --allow-non-empty to add a run beside" in one_error_line(capsys)
     assert train.main([*beside, "--allow-non-empty"]) == 0
     assert (stranger / "notes.txt").read_text() == "mine"
+    assert json.loads((stranger / "history.json").read_text())[0]["epoch"] == 1
     # A field that is not a switch keeps its value.
     assert train.in_flags("use batch_size=True", ["batch_size"]) == "use --batch-size True"
 
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EACCES], ids=["ENOSPC", "EACCES"])
-def test_a_failed_write_outside_the_checkpoints_is_one_line(images, tmp_path, capsys,
-                                                           monkeypatch, code):
+@pytest.mark.slow
+def test_a_failed_write_outside_the_checkpoints_is_one_line(trained_by_train_py, tmp_path,
+                                                           capsys, monkeypatch, code):
     def failing(self, path, *args, **kwargs):
         raise OSError(code, os.strerror(code), str(path))
 
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", failing)
-    assert train.main(folder_args(images, tmp_path)) == 1
+    assert train.main(as_train_py_ran(trained_by_train_py, tmp_path / "run")) == 1
     remedy = "free space" if code == errno.ENOSPC else "fix the permissions"
     assert one_error_line(capsys) == (
         f"error: [Errno {code}] {os.strerror(code)}: '{tmp_path / 'run' / 'patches.png'}'; "
@@ -302,6 +344,7 @@ def test_seeds_and_comma_lists_make_a_group_of_every_combination():
     assert configs_of() == vit_flax.ViTConfig()
 
 
+@pytest.mark.slow
 def test_train_py_trains_a_group_of_seeds(images, tmp_path, capsys):
     assert train.main(folder_args(images, tmp_path, "--seeds", "0,1")) == 0
     printed = capsys.readouterr().out
@@ -317,8 +360,6 @@ def test_train_py_trains_a_group_of_seeds(images, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags, expected", [
-    (["--seeds", "0,1", "--log-every", "2"],
-     "error: --log-every 2: a group does not take it"),
     (["--seeds", "0,0"], "error: the group holds the run seed0_lr0.001_wd0.0001 more than once"),
     (["--seeds", "0,-1"], "seed"),
     (["--learning-rate", "1e-3,nan"], "--learning-rate must be finite"),

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+# Every test here starts processes: left out of the quick tier (pytest -m "not slow").
+pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "train.py"
 # train.py's main, with SIGTERM sent to itself at argv[1]: "import" (as it imports vit_flax)
@@ -26,10 +28,10 @@ if sys.argv[1] == "import":
         return real(name, *args, **kwargs)
     builtins.__import__ = importing
 else:
-    from vit_flax.data import sources
+    from vit_flax.data import stream
     def loading(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)
-    sources.load = loading
+    stream.open_source = loading
 sys.exit(train.main(sys.argv[3:]))
 """
 

@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,6 +34,7 @@ def jpeg_tarball(path: Path, classes: int = 10, per_class: int = 24) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_reduced_gpu_check_runs_every_part_and_reports(tmp_path):
     tarball = jpeg_tarball(tmp_path / "images.tar.gz")
     completed = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--reduced",

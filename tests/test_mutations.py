@@ -41,6 +41,7 @@ def test_top5_counts_a_label_only_when_at_most_four_logits_beat_it():
 
 # --- the trainer's epoch orders -------------------------------------------------------------
 
+@pytest.mark.slow
 def test_each_epoch_trains_on_its_own_permutation(tmp_path, monkeypatch):
     # 16 images, validation_split 0.25: 12 train, 4 validate; 2 epochs of 2 steps of 8 (the
     # second padded). Every index row the training feed yields is recorded, so what is
@@ -75,6 +76,7 @@ def test_each_epoch_trains_on_its_own_permutation(tmp_path, monkeypatch):
 
 # --- per-step randomness --------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_each_step_draws_its_own_augmentation_and_dropout(tiny_config):
     # With a zero learning rate the weights never move, so two steps on the same batch
     # differ only by their random draws: step s uses step_rngs(rng, s, 0) (one pass, micro-
@@ -215,6 +217,7 @@ def test_layer_norms_use_the_seeds_epsilon(where):
 
 # --- the second mutation pass (issue 24) ----------------------------------------------------
 
+@pytest.mark.slow
 def test_the_train_and_eval_steps_compute_the_label_smoothed_loss():
     # Mutant: the step ignores label_smoothing (cross_entropy alone is tested elsewhere).
     # Dropout off, zero rotation/zoom and mirror-symmetric images: the augmentation is an
@@ -258,6 +261,7 @@ def test_the_strong_recipes_crop_is_taken_in_training(padding):
     np.testing.assert_array_equal(augmentation(images, train=False, rngs=None), images)
 
 
+@pytest.mark.slow
 def test_sigterm_is_honoured_at_the_next_step_not_at_the_end_of_the_epoch(tmp_path,
                                                                         monkeypatch):
     # Mutant: the stop flag read only between epochs (the saved state is the same either

@@ -26,6 +26,8 @@ from vit_flax.infra import parallel, runtime
 runtime.start_distributed(f"localhost:{sys.argv[1]}", 2, int(sys.argv[2]))
 from vit_flax.data import sources, stream
 from vit_flax.training import feeds, steps
+
+pytestmark = pytest.mark.slow  # Trains end to end, or starts processes.
 memory = sources.load_folder(sys.argv[3], 8).train
 opened, read = [], sources.read_image
 sources.read_image = lambda path, size: (opened.append(path), read(path, size))[1]

@@ -3,6 +3,7 @@ as the training images were, one-line errors that do not stop the others, class 
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 from pathlib import Path
@@ -15,8 +16,10 @@ from PIL import Image
 
 import vit_flax
 from vit_flax.data.sources import read_image
-from vit_flax.inference import classify as classify_lib
 from vit_flax.models.hub_vit import ViTHub, ViTHubConfig
+
+# The module: `from vit_flax.inference import classify` is its function of that name.
+classify_lib = importlib.import_module("vit_flax.inference.classify")
 
 ROOT = Path(__file__).resolve().parents[2]
 pytest_plugins = ["inference_fixtures"]  # seed_run, held_out_folder: built once, shared.
@@ -38,6 +41,7 @@ def model(seed_run):
     return vit_flax.load(seed_run)[0]
 
 
+@pytest.mark.slow
 def test_held_out_images_are_named_with_the_accuracy_of_results_json(seed_run, held_out_folder):
     """The issue's "done when": the test/ files, classified from disk by name, score what
     training scored on them."""
@@ -51,6 +55,7 @@ def test_held_out_images_are_named_with_the_accuracy_of_results_json(seed_run, h
     assert 0 < sum(correct) < 12  # Some right, some wrong: the match means something.
 
 
+@pytest.mark.slow
 def test_files_are_read_as_the_training_images_were(model, tmp_path):
     """A 20 x 13 RGBA file: classify(path) is classify of read_image's pixels (the loader's
     decode and bilinear resize), probability for probability."""
@@ -63,6 +68,7 @@ def test_files_are_read_as_the_training_images_were(model, tmp_path):
     assert sum(q for _, q in from_file.top) == pytest.approx(1.0, abs=1e-9)
 
 
+@pytest.mark.slow
 def test_unreadable_inputs_give_one_line_errors_and_the_others_are_classified(model, tmp_path):
     good = tmp_path / "good.png"
     Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(good)
@@ -94,6 +100,7 @@ def test_class_names_from_data_json_else_results_json_else_indices(tmp_path):
                     f"class_names): classes are named by their index 0..2")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("options, expected", [
     (dict(top_k=0), "top_k must be a positive integer, got 0"),
     (dict(batch_size=True), "batch_size must be a positive integer, got True"),
@@ -105,6 +112,7 @@ def test_bad_options_are_refused(model, options, expected):
     assert str(error.value) == expected
 
 
+@pytest.mark.slow
 def test_cli_table_json_and_csv(seed_run, held_out_folder, capsys):
     files = sorted(str(p) for p in (held_out_folder / "test" / "dog").iterdir())
     assert cli.main([str(seed_run), *files[:2], "--top-k", "2"]) == 0
@@ -123,6 +131,7 @@ def test_cli_table_json_and_csv(seed_run, held_out_folder, capsys):
     assert row.startswith(f"{files[0]},1,{entry['top'][0]['class']},")
 
 
+@pytest.mark.slow
 def test_cli_exit_1_for_an_unreadable_file_and_2_for_no_model(seed_run, held_out_folder,
                                                               tmp_path, capsys):
     (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8 truncated")
@@ -153,6 +162,7 @@ def test_cli_help_names_each_flag_default_and_choices(capsys):
                                        "got '0' (see --help)\n")
 
 
+@pytest.mark.slow
 def test_a_preset_is_classified_with_index_names(tmp_path, capsys):
     config = ViTHubConfig(image_shape=(8, 8, 3), patch_size=4, num_layers=1, num_heads=2,
                           hidden_dim=8, mlp_dim=12, num_classes=4)

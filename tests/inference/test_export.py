@@ -62,6 +62,7 @@ def run_stablehlo(path: Path, images: np.ndarray) -> np.ndarray:
 RUNNERS = {"onnx": run_onnx, "stablehlo": run_stablehlo}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["onnx", "stablehlo"])
 def test_exported_logits_are_predicts_at_batch_sizes_1_and_3(exported, folder_splits, fmt):
     """uint8 pixels as float32 0..255: one exported file takes both batch sizes."""
@@ -74,6 +75,7 @@ def test_exported_logits_are_predicts_at_batch_sizes_1_and_3(exported, folder_sp
                                    rtol=0, atol=TOLERANCE)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["onnx", "stablehlo"])
 def test_exported_held_out_accuracy_is_predicts(exported, folder_splits, fmt):
     run, model, files = exported
@@ -88,6 +90,7 @@ def test_exported_held_out_accuracy_is_predicts(exported, folder_splits, fmt):
                                          abs=1e-6)
 
 
+@pytest.mark.slow
 def test_onnx_input_and_output_are_typed_with_a_dynamic_batch(exported):
     import onnxruntime
 
@@ -99,6 +102,7 @@ def test_onnx_input_and_output_are_typed_with_a_dynamic_batch(exported):
     assert (taken.name, taken.type, taken.shape) == ("logits", "tensor(float)", ["batch", 3])
 
 
+@pytest.mark.slow
 def test_stablehlo_runs_in_a_process_without_vit_flax(exported, folder_splits, tmp_path):
     _, model, files = exported
     np.save(tmp_path / "images.npy", folder_splits.test.images[:2].astype(np.float32))
@@ -117,6 +121,7 @@ def test_stablehlo_runs_in_a_process_without_vit_flax(exported, folder_splits, t
                                rtol=0, atol=TOLERANCE)
 
 
+@pytest.mark.slow
 def test_a_presets_onnx_export_is_its_logits(tmp_path):
     """A Keras Hub preset (ViTHub: its converter's scale and offset inside the graph)."""
     config = ViTHubConfig(image_shape=(8, 8, 3), patch_size=4, num_layers=1, num_heads=2,

@@ -89,7 +89,8 @@ def test_load_of_a_foreign_config_json_is_one_line_naming_the_file(tmp_path, tex
 
 def test_a_batch_size_above_the_image_count_is_clamped(model, monkeypatch):
     """Issue 24 item 8: predict(x, batch_size=10**9) asked for 179 GiB of padding. The
-    compiled batch is the number of images; 10**6 would have padded 192 MB here."""
+    compiled batch is the larger of the number of images and the default 256 (which keeps
+    the default's program); 10**6 would have padded 192 MB here."""
     # The module, not the package's attribute of the same name (the function).
     predict_module = importlib.import_module("vit_flax.inference.predict")
 
@@ -99,10 +100,10 @@ def test_a_batch_size_above_the_image_count_is_clamped(model, monkeypatch):
 
     def recording(graphdef, state, images):
         shapes.append(images.shape)
-        assert images.shape == (3, 8, 8, 3)  # Before running 10**6 padded images.
+        assert images.shape == (256, 8, 8, 3)  # Before running 10**6 padded images.
         return original(graphdef, state, images)
 
     monkeypatch.setattr(predict_module, "forward", recording)
     logits = vit_flax.predict(model, images, batch_size=10**6)
-    assert shapes == [(3, 8, 8, 3)]
+    assert shapes == [(256, 8, 8, 3)]
     np.testing.assert_allclose(logits, expected, rtol=1e-6, atol=1e-6)

@@ -139,6 +139,7 @@ def flips(step: Path) -> list[tuple[str, int]]:
     return cases
 
 
+@pytest.mark.slow
 def test_every_byte_flip_in_the_newest_step_is_detected(pristine, tmp_path, template):
     # Unverified, 14 of 30 such flips loaded with no error and a changed array.
     for case, (name, offset) in enumerate(flips(pristine / "2")):
@@ -507,6 +508,7 @@ def fill(disk: Path) -> Path:
     return filler
 
 
+@pytest.mark.slow
 def test_a_really_full_disk(small_disk, template, config, models):
     save_epochs(small_disk / "run_state", {1: state_of(template, 1)})
     checkpoints.save_model(small_disk / "best", models[1])
@@ -572,6 +574,7 @@ def poison(run_state: Path, epoch: int, template) -> None:
     os.replace(scratch / str(epoch), run_state / str(epoch))
 
 
+@pytest.mark.slow
 def test_training_resumes_from_the_last_good_epoch(trained, tmp_path, template):
     reference, expected = trained
     workdir = Path(shutil.copytree(reference, tmp_path / "run"))

@@ -21,6 +21,8 @@ from test_parallel import assert_same_weights
 import vit_flax
 from vit_flax.infra import runtime
 
+# Every test here starts processes: left out of the quick tier (pytest -m "not slow").
+pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 # Runs train.py (argv[2:]) and prints, last, the files it wrote under the workdir (argv[1])
 # from Python (opened for writing, or renamed into place): JSON, figures, TensorBoard

@@ -47,6 +47,7 @@ FOUR_DEVICES = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_four_devices_train_like_one(tmp_path):
     # Micro-batches of 4 in batches of 8: each of the 4 devices gets one row of each.
     config = dict(TINY, epochs=3, microbatch_size=4)
@@ -105,6 +106,7 @@ RESUME_ELSEWHERE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_resuming_on_another_device_count_ends_as_the_uninterrupted_run(tmp_path):
     config = dict(TINY, microbatch_size=4)
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
@@ -141,6 +143,7 @@ def assert_same_weights(model: vit_flax.ViT, reference: vit_flax.ViT) -> None:
                                        err_msg=jax.tree_util.keystr(path))
 
 
+@pytest.mark.slow
 def test_step_loop_makes_no_host_transfers():
     config = vit_flax.ViTConfig(**TINY)
     images, labels = random_images(20, 8), np.arange(20) % 3
@@ -159,6 +162,7 @@ def test_step_loop_makes_no_host_transfers():
     assert float(totals.count) == 20.0
 
 
+@pytest.mark.slow
 def test_bfloat16_computes_in_bf16_and_keeps_float32_weights():
     config = vit_flax.ViTConfig(**TINY)
     full = vit_flax.ViT(config, rngs=nnx.Rngs(0))
@@ -175,6 +179,7 @@ def test_bfloat16_computes_in_bf16_and_keeps_float32_weights():
     assert 0 < difference < 0.05 * scale
 
 
+@pytest.mark.slow
 def test_train_py_reports_devices_and_dtype(tmp_path, image_folder):
     repo = Path(__file__).resolve().parents[2]
     sys.path.insert(0, str(repo))
@@ -191,6 +196,7 @@ def test_train_py_reports_devices_and_dtype(tmp_path, image_folder):
     assert np.isfinite(results["test_loss"])
 
 
+@pytest.mark.slow
 def test_streaming_from_the_host_trains_like_data_on_the_device(tmp_path):
     config = vit_flax.ViTConfig(**TINY, epochs=2)
     labels = np.arange(60) % 3

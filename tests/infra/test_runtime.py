@@ -45,6 +45,7 @@ UNTOUCHED = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_importing_and_building_change_nothing_process_wide():
     from conftest import TINY
 

@@ -43,6 +43,7 @@ def split(archive: Path, output: Path, *flags: str) -> subprocess.CompletedProce
                           capture_output=True, text=True, timeout=60)
 
 
+@pytest.mark.slow
 def test_the_split_script_unpacks_each_class_into_test_then_train(tmp_path):
     archive = tarball(tmp_path / "images.tar.gz", {
         "train/cat/2.jpg": b"c2", "train/cat/1.jpg": b"c1", "train/cat/3.jpg": b"c3",
@@ -56,6 +57,7 @@ def test_the_split_script_unpacks_each_class_into_test_then_train(tmp_path):
                        "train/cat/3.jpg": b"c3", "test/dog/1.jpg": b"d1"}
 
 
+@pytest.mark.slow
 def test_split_keeps_at_most_train_per_class_after_the_test_files(tmp_path):
     # What benchmarks/gpu_check.py unpacks with (its small form: a few images per class).
     spec = importlib.util.spec_from_file_location("split_image_tarball", SCRIPT)
@@ -73,6 +75,7 @@ OUTSIDE = "points outside the archive (an absolute path or '..'); expected train
 LINK = "is a link or device, not a file; expected only files train/<class>/<file>"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, content, why", [
     ("/" + ESCAPE, b"x", OUTSIDE),
     ("train/../../" + ESCAPE, b"x", OUTSIDE),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +34,33 @@ def config():
     return vit_flax.ViTConfig(**TINY, epochs=1)
 
 
+@pytest.fixture(scope="module")
+def trained_pristine(tmp_path_factory, splits):
+    """A finished 2-epoch run of TINY, trained once: a test that needs a run copies it (the
+    programs of `config` are then in the session's compilation cache)."""
+    workdir = tmp_path_factory.mktemp("trained") / "run"
+    vit_flax.train(vit_flax.ViTConfig(**TINY, epochs=2), splits, workdir, log=QUIET)
+    return workdir
+
+
+@pytest.fixture
+def trained(trained_pristine, tmp_path) -> Path:
+    """A copy of trained_pristine, for a test to change."""
+    workdir = tmp_path / "trained"
+    shutil.copytree(trained_pristine, workdir)
+    return workdir
+
+
+def as_run_of(workdir: Path, **fields) -> None:
+    """Make the finished run in `workdir` one of another configuration (its marker and
+    config.json say so), without training it."""
+    marker = json.loads((workdir / layout.MARKER).read_text())
+    marker["config"].update(fields)
+    (workdir / layout.MARKER).write_text(json.dumps(marker))
+    saved = json.loads((workdir / "config.json").read_text())
+    (workdir / "config.json").write_text(json.dumps(saved | fields))
+
+
 def user_files(root: Path) -> dict[str, bytes]:
     """A user's own files: a note, source code in a subfolder, a README."""
     files = {"notes.txt": b"my notes\n", "src/app.py": b"print('mine')\n",
@@ -48,22 +76,26 @@ def assert_intact(root: Path, files: dict[str, bytes]) -> None:
         assert (root / name).read_bytes() == content, name
 
 
-def test_overwrite_deletes_only_what_vit_flax_wrote(tmp_path, splits, config):
-    vit_flax.train(config, splits, tmp_path, log=QUIET)
-    mine = user_files(tmp_path)  # Added beside the run afterwards.
-    other = config.replace(learning_rate=0.01)
+@pytest.mark.slow
+def test_overwrite_deletes_only_what_vit_flax_wrote(trained, splits, config):
+    as_run_of(trained, learning_rate=0.01)  # A run of another configuration.
+    mine = user_files(trained)  # Added beside the run afterwards.
     with pytest.raises(vit_flax.ConfigError, match="differs in learning_rate.*overwrite=True"):
-        vit_flax.train(other, splits, tmp_path, log=QUIET)
-    vit_flax.train(other, splits, tmp_path, log=QUIET, overwrite=True)
-    assert_intact(tmp_path, mine)
-    assert json.loads((tmp_path / "config.json").read_text())["learning_rate"] == 0.01
+        vit_flax.train(config, splits, trained, log=QUIET)
+    vit_flax.train(config, splits, trained, log=QUIET, overwrite=True)
+    assert_intact(trained, mine)
+    assert json.loads((trained / "config.json").read_text())["learning_rate"] == 0.001
+    assert layout.saved_config(trained)["learning_rate"] == 0.001
+    # Trained afresh: one epoch (the deleted run had two).
+    assert [row["epoch"] for row in json.loads((trained / "history.json").read_text())] == [1]
     expected = {"best_checkpoint", "run_state", "tensorboard", "config.json", "history.json",
                 "results.json", "data.json", "loss.png", "top-5-accuracy.png", "patches.png",
                 "attention.png",
                 layout.MARKER, layout.LOCK, "notes.txt", "src", "README", "deep"}
-    assert {p.name for p in tmp_path.iterdir()} == expected
+    assert {p.name for p in trained.iterdir()} == expected
 
 
+@pytest.mark.slow
 def test_a_directory_that_is_not_a_run_is_refused_and_never_deleted(tmp_path, splits, config):
     mine = user_files(tmp_path)
     for overwrite in (False, True):
@@ -91,27 +123,28 @@ def test_an_empty_path_is_an_error(splits, config):
         vit_flax.train(config, splits, "", log=QUIET)
 
 
-def test_the_marker_not_config_json_says_which_run_it_is(tmp_path, splits, config):
-    vit_flax.train(config, splits, tmp_path, log=QUIET)
-    (tmp_path / "config.json").unlink()  # Lost or deleted: the run is still recognised.
+@pytest.mark.slow
+def test_the_marker_not_config_json_says_which_run_it_is(trained, splits, config):
+    (trained / "config.json").unlink()  # Lost or deleted: the run is still recognised.
     with pytest.raises(vit_flax.ConfigError, match="differs in learning_rate"):
-        vit_flax.train(config.replace(learning_rate=0.01), splits, tmp_path, log=QUIET)
-    (tmp_path / layout.MARKER).write_text("{not json")
+        vit_flax.train(config.replace(learning_rate=0.01), splits, trained, log=QUIET)
+    (trained / layout.MARKER).write_text("{not json")
     with pytest.raises(vit_flax.ConfigError, match="run marker .* is unreadable"):
-        vit_flax.train(config, splits, tmp_path, log=QUIET)
+        vit_flax.train(config, splits, trained, log=QUIET)
 
 
-def test_fewer_epochs_than_trained_is_refused(tmp_path, splits, config):
-    vit_flax.train(config.replace(epochs=2), splits, tmp_path, log=QUIET)
-    before = {name: (tmp_path / name).read_bytes() for name in ("config.json", "results.json")}
+@pytest.mark.slow
+def test_fewer_epochs_than_trained_is_refused(trained, splits, config):
+    before = {name: (trained / name).read_bytes() for name in ("config.json", "results.json")}
     with pytest.raises(vit_flax.ConfigError, match="holds 2 trained epochs, more than epochs=1"):
-        vit_flax.train(config, splits, tmp_path, log=QUIET)
-    results = json.loads((tmp_path / "results.json").read_text())
+        vit_flax.train(config, splits, trained, log=QUIET)
+    results = json.loads((trained / "results.json").read_text())
     assert (results["epochs"], results["config"]["epochs"]) == (2, 2)
     # The refused run rewrote nothing: config.json still says epochs=2.
-    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+    assert {name: (trained / name).read_bytes() for name in before} == before
 
 
+@pytest.mark.slow
 def test_a_second_trainer_is_refused_naming_the_holder(tmp_path, splits, config):
     images = write_image_folder(tmp_path / "images", train_per_class=4)
     run = tmp_path / "run"
@@ -146,6 +179,7 @@ def test_a_trainer_half_way_through_its_claim_is_in_use_not_a_stranger(tmp_path,
     assert sorted(p.name for p in run.iterdir()) == sorted([layout.LOCK, partial.name])
 
 
+@pytest.mark.slow
 def test_the_lock_is_released_when_its_process_dies(tmp_path):
     code = ("import sys, os; from pathlib import Path; from vit_flax.infra import workdir; "
             "workdir.Lock(Path(sys.argv[1])).__enter__(); os._exit(0)")

@@ -41,12 +41,30 @@ def random_images(config: ViTHubConfig, batch: int = 2, seed: int = 0) -> np.nda
         np.float32)
 
 
-@pytest.mark.parametrize("name", list(SIZES))
+# The base and large sizes take seconds each to trace: `slow`, out of the quick tier.
+@pytest.mark.parametrize("name", [pytest.param(name, marks=[pytest.mark.slow] * (
+    name in ("vit-b16", "vit-b32", "vit-l16"))) for name in SIZES])
 def test_named_sizes_have_keras_hubs_parameter_counts(name):
+    """train.py's --model <name>, the Keras Hub classifier it holds and that classifier's
+    backbone: one abstract model per size (vit-l16's takes ~10 s to trace), counted three
+    times."""
+    from vit_flax import ViTConfig
+
     backbone, classifier = KERAS_HUB_PARAMS[name]
-    config = ViTHubConfig.named(name)
-    assert count_params(abstract_model(config)) == backbone
-    assert count_params(abstract_model(config.replace(num_classes=1000))) == classifier
+    model = abstract_model(ViTConfig.recipe("keras", model=name, num_classes=1000))
+    assert type(model).__name__ == "StandardViT"
+    assert model.vit.config == ViTHubConfig.named(name, num_classes=1000)
+    # The Normalization's statistics are not trained parameters, as in Keras.
+    assert count_params(model) == count_params(model.vit) == classifier
+    assert count_params(model.vit.backbone) == backbone
+
+
+def test_a_hub_vit_without_classes_is_its_backbone():
+    config = ViTHubConfig.named("vit-ti16")
+    assert config.num_classes is None
+    model = abstract_model(config)
+    assert not hasattr(model, "predictions") and not hasattr(model, "pre_logits")
+    assert count_params(model) == count_params(model.backbone) == KERAS_HUB_PARAMS["vit-ti16"][0]
 
 
 def test_patch_embedding_is_the_keras_conv2d():
@@ -182,18 +200,9 @@ def test_resample_posemb_is_big_visions_scipy_zoom():
 
 
 # --- StandardViT: the standard architecture as train.py trains it (--model vit-*) ---------
+# (Each --model name's parameter counts: test_named_sizes_have_keras_hubs_parameter_counts.)
 
-@pytest.mark.parametrize("name", list(SIZES))
-def test_each_model_name_trains_the_keras_hub_classifier_of_that_size(name):
-    from vit_flax import ViTConfig
-    config = ViTConfig.recipe("keras", model=name, num_classes=1000)
-    model = abstract_model(config)
-    assert type(model).__name__ == "StandardViT"
-    # The Normalization's statistics are not trained parameters, as in Keras.
-    assert count_params(model) == KERAS_HUB_PARAMS[name][1]
-    assert model.vit.config == ViTHubConfig.named(name, num_classes=1000)
-
-
+@pytest.mark.slow
 def test_a_standard_vit_computes_its_keras_hub_vit_on_normalized_images():
     from vit_flax import ViTConfig, create_model
 

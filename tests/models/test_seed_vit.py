@@ -81,6 +81,7 @@ def test_patches_order_matches_extract_patches():
     np.testing.assert_array_equal(result, expected)  # A reshape: exact.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("head", ["flatten", "gap", "cls"])
 def test_logits_shape_and_modes(tiny_config, head):
     model = ViT(tiny_config.replace(head=head), rngs=nnx.Rngs(0))

@@ -58,6 +58,7 @@ def solo(tmp_path_factory):
     return [history(workdir / str(config.seed)) for config in RUNS[:2]]
 
 
+@pytest.mark.slow
 def test_configs_that_differ_in_more_than_seed_and_rates_are_refused(tmp_path):
     with pytest.raises(vit_flax.ConfigError, match=r"differ only in seed, learning_rate, "
                        r"weight_decay: config 1 has batch_size=16, config 0 batch_size=8"):
@@ -103,6 +104,7 @@ def test_the_group_optimizer_is_the_solo_optimizer_of_each_run(schedule):
         np.testing.assert_array_equal(grouped[i], solo)
 
 
+@pytest.mark.slow
 def test_each_run_is_its_solo_run(grouped, solo):
     workdir = grouped[0]
     together = [history(workdir / "runs" / name) for name in NAMES[:2]]
@@ -118,6 +120,7 @@ def test_each_run_is_its_solo_run(grouped, solo):
         assert (np.abs(np.subtract(mine, alone)).max(axis=0) <= noise).all()
 
 
+@pytest.mark.slow
 def test_each_run_directory_is_a_run_and_the_summary_averages_over_seeds(grouped):
     workdir, summary, lines = grouped
     splits = small_problem()
@@ -140,6 +143,7 @@ def test_each_run_directory_is_a_run_and_the_summary_averages_over_seeds(grouped
     assert "learning_rate=0.001 weight_decay=0.0001, seeds [0, 1]: test accuracy" in lines[-1]
 
 
+@pytest.mark.slow
 def test_a_non_finite_run_stops_alone(grouped):
     workdir, summary, lines = grouped
     stopped = workdir / "runs" / NAMES[2]
@@ -153,6 +157,7 @@ def test_a_non_finite_run_stops_alone(grouped):
     assert [len(history(workdir / "runs" / name)) for name in NAMES[:2]] == [2, 2]
 
 
+@pytest.mark.slow
 def test_sigterm_stops_the_group_and_it_resumes_bit_exactly(grouped, tmp_path):
     def log(line):  # SIGTERM once epoch 1 is recorded: it lands before epoch 2's first step.
         if line.startswith(f"{NAMES[1]}: Epoch 1/2"):
@@ -169,11 +174,13 @@ def test_sigterm_stops_the_group_and_it_resumes_bit_exactly(grouped, tmp_path):
     assert summary["runs"] == grouped[1]["runs"]  # The stopped run stays stopped, too.
 
 
+@pytest.mark.slow
 def test_another_group_in_the_workdir_is_refused(grouped):
     with pytest.raises(vit_flax.ConfigError, match="holds another group .*overwrite=True"):
         train_group([CONFIG.replace(seed=5)], small_problem(), grouped[0])
 
 
+@pytest.mark.slow
 def test_when_every_run_stops_the_group_stops(tmp_path):
     with pytest.raises(FloatingPointError, match=r"every run of the group stopped: seed0_lr1e"
                        r"\+30_wd0.0001: the training loss became non-finite"):
@@ -204,6 +211,7 @@ TWO_DEVICES = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_two_devices_train_the_group_like_one(grouped, tmp_path):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
                JAX_PLATFORMS="cpu")
@@ -243,6 +251,7 @@ def test_each_run_of_each_epoch_gathers_its_own_seeds_order():
     assert len({order.tobytes() for order in seen}) == 4
 
 
+@pytest.mark.slow
 def test_group_runs_have_the_solo_runs_figures_logs_and_data_record(grouped):
     workdir, _, lines = grouped
     for name in NAMES[:2]:
@@ -264,6 +273,7 @@ def test_each_run_starts_with_its_own_learning_rate_and_weight_decay():
     np.testing.assert_allclose(hyperparams["weight_decay"], [1e-4, 0.5], rtol=1e-7)
 
 
+@pytest.mark.slow
 def test_a_group_resumed_with_its_lists_in_another_order_keeps_each_run_its_own(grouped,
                                                                               tmp_path):
     # Seeds 0,1 for one epoch, then 1,0 for two: each run's history is still its own.
@@ -276,6 +286,7 @@ def test_a_group_resumed_with_its_lists_in_another_order_keeps_each_run_its_own(
     assert list(summary["runs"]) == NAMES[:2]  # The order the group was saved in.
 
 
+@pytest.mark.slow
 def test_a_marker_naming_a_run_outside_the_group_is_refused_and_nothing_is_deleted(tmp_path):
     victim = tmp_path / "victim"
     victim.mkdir()
@@ -290,9 +301,23 @@ def test_a_marker_naming_a_run_outside_the_group_is_refused_and_nothing_is_delet
     assert (victim / "keep.txt").read_text() == "mine"
 
 
+@pytest.mark.slow
 def test_a_group_marker_of_a_newer_format_is_refused(tmp_path):
     (tmp_path / group.GROUP_MARKER).write_text(json.dumps(
         {"vit_flax": "group", "format": group.GROUP_FORMAT + 1, "runs": {}}))
     with pytest.raises(vit_flax.ConfigError, match=rf"format {group.GROUP_FORMAT + 1}, written "
                        rf"by another vit_flax; this one reads formats 1-{group.GROUP_FORMAT}"):
         train_group(RUNS[:2], small_problem(), tmp_path, log=quiet)
+
+
+@pytest.mark.slow
+def test_a_refused_group_resume_rewrites_no_config(grouped):
+    # The group holds 2 epochs: a run asking for 1 is refused, and its runs' config.json
+    # still say 2 (they were once rewritten before the check refused).
+    workdir = grouped[0]
+    before = {name: (workdir / "runs" / name / "config.json").read_text() for name in NAMES}
+    with pytest.raises(vit_flax.ConfigError, match="holds 2 trained epochs, more than epochs=1"):
+        train_group([config.replace(epochs=1) for config in RUNS], small_problem(), workdir,
+                    log=quiet)
+    assert {name: (workdir / "runs" / name / "config.json").read_text()
+            for name in NAMES} == before

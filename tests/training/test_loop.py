@@ -57,6 +57,7 @@ def deterministic_setup(config, count, microbatch_size=None, tx=None):
         statistics, jnp.asarray(images), jnp.asarray(labels)
 
 
+@pytest.mark.slow
 def test_padding_of_the_last_batch_changes_nothing(tiny_config):
     # Five real examples in a batch of 8 (three -1 pads) must train exactly like a batch of
     # five: same loss mean, same gradients, same AdamW step.
@@ -78,6 +79,7 @@ def test_padding_of_the_last_batch_changes_nothing(tiny_config):
         np.testing.assert_allclose(padded, exact, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("microbatch_size", [4, 2, 1])
 def test_micro_batches_give_the_whole_batch_update(tiny_config, microbatch_size):
     # Five real examples and three pads in a batch of 8, in micro-batches of 4 (3 + 2 real
@@ -132,6 +134,7 @@ def trained(tmp_path_factory):
     return config, splits, workdir, vit_flax.train(config, splits, workdir, log=lambda _: None)
 
 
+@pytest.mark.slow
 def test_loss_falls_on_a_learnable_problem(trained):
     config, _, workdir, results = trained
     history = json.loads((workdir / "history.json").read_text())
@@ -140,6 +143,7 @@ def test_loss_falls_on_a_learnable_problem(trained):
     assert results["test_accuracy"] > 0.8  # Chance is 1/3; measured 0.88 after 8 epochs.
 
 
+@pytest.mark.slow
 def test_best_checkpoint_is_the_first_best_val_accuracy(trained):
     config, splits, workdir, results = trained
     history = json.loads((workdir / "history.json").read_text())
@@ -157,6 +161,7 @@ def test_best_checkpoint_is_the_first_best_val_accuracy(trained):
     np.testing.assert_array_equal(model.data_augmentation.normalization.variance[...], variance)
 
 
+@pytest.mark.slow
 def test_training_is_reproducible(trained, tmp_path):
     config, splits, workdir, results = trained
     again = vit_flax.train(config, splits, tmp_path, log=lambda _: None)
@@ -198,6 +203,7 @@ def metrics_of(workdir) -> list[list[float]]:
             for row in json.loads((workdir / "history.json").read_text())]
 
 
+@pytest.mark.slow
 def test_a_folder_streamed_from_disk_trains_as_in_memory(tmp_path):
     # The same files, order and batches: decoded up front (DeviceFeed) or by the streaming
     # pipeline each step (StreamFeed). Measured: identical histories on one CPU device; the
@@ -223,6 +229,7 @@ def test_a_folder_streamed_from_disk_trains_as_in_memory(tmp_path):
     assert " - data wait: " in lines["stream"][1]
 
 
+@pytest.mark.slow
 def test_a_group_streamed_from_the_host_trains_as_on_the_device(tmp_path):
     # A group's batches gathered on the host (HostFeed: every run's rows one after the other)
     # or in the step from the data on the device: the same runs, float32 round-off apart.
@@ -236,3 +243,17 @@ def test_a_group_streamed_from_the_host_trains_as_on_the_device(tmp_path):
     for name in ("seed0_lr0.001_wd0.0001", "seed1_lr0.001_wd0.0001"):
         np.testing.assert_allclose(metrics_of(tmp_path / "stream" / "runs" / name),
                                    metrics_of(tmp_path / "memory" / "runs" / name), rtol=1e-5)
+
+
+def test_a_groups_progress_bar_pools_its_runs():
+    # The bar reads the totals of the step before; a group's have a runs axis, which one
+    # run's means() cannot read (float() of an array): pooled sums over the runs.
+    from vit_flax.training import group, reporting
+
+    stacked = group.zero_totals(2).replace(
+        sums={name: jnp.array([3.0, 1.0]) for name in steps.METRIC_NAMES},
+        count=jnp.array([2.0, 2.0]))
+    assert reporting.pooled(stacked).means() == {"loss": 1.0, "accuracy": 1.0,
+                                                 "top-5-accuracy": 1.0}
+    solo = steps.Totals.zero()
+    assert reporting.pooled(solo) is solo

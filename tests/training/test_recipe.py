@@ -78,6 +78,7 @@ def golden_run(package_root: Path) -> dict:
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_the_keras_recipe_trains_bit_for_bit_as_before_the_recipes(tmp_path):
     archive = subprocess.run(["git", "-C", str(ROOT), "archive", BEFORE_RECIPES, "vit_flax"],
                              capture_output=True, timeout=60)
@@ -219,6 +220,7 @@ def test_stochastic_depth_drops_whole_residual_branches_per_example():
                                                                               rngs=None))
 
 
+@pytest.mark.slow
 def test_train_py_strong_recipe_records_the_resolved_config(tmp_path, image_folder):
     completed = subprocess.run(
         [sys.executable, "train.py", "--recipe", "strong", *TINY_FLAGS, "--dataset", "folder",

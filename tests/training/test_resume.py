@@ -25,6 +25,8 @@ from vit_flax.infra import checkpoints
 from vit_flax.training import loop as trainer
 from vit_flax.training import steps
 
+pytestmark = pytest.mark.slow  # Trains end to end, or starts processes.
+
 REPO = Path(__file__).resolve().parents[2]
 METRICS = ("epoch", "loss", "accuracy", "top-5-accuracy", "val_loss", "val_accuracy",
            "val_top-5-accuracy")

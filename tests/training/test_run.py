@@ -10,6 +10,8 @@ from conftest import TINY, write_image_folder
 
 import vit_flax
 
+pytestmark = pytest.mark.slow  # Trains end to end, or starts processes.
+
 CONFIG = vit_flax.ViTConfig(**TINY, epochs=1)
 quiet = {"compilation_cache": None}
 

@@ -101,6 +101,7 @@ def test_other_differences_are_one_line_errors(source_fields, target_fields, exp
     assert "\n" not in str(error.value)
 
 
+@pytest.mark.slow
 def test_train_py_fine_tunes_a_run_on_other_classes(tmp_path, capsys):
     source_images = write_image_folder(tmp_path / "first", train_per_class=6)
     other_images = write_image_folder(tmp_path / "second", ("bird", "ship"),
@@ -191,6 +192,7 @@ def test_a_seed_vit_cannot_start_from_a_standard_preset(tmp_path):
         finetune.initialize_from(model, finetune.load_source(preset))
 
 
+@pytest.mark.slow
 def test_train_py_fine_tunes_a_standard_vit_from_a_preset_without_shape_flags(tmp_path,
                                                                             capsys):
     # The preset's MLP is 12 wide, not 4 x 8: no --model size has it, and no flag says it.

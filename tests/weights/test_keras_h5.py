@@ -85,6 +85,7 @@ CHILD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_vit_flax_reads_it_with_parity_unimportable(seed_file, tmp_path):
     model, path = seed_file
     images = random_images(2, 8, seed=5)

@@ -150,6 +150,7 @@ def test_a_workdir_loads_as_vit_flax_load(tmp_path):
         load_pretrained(tmp_path / "run", num_classes=3)
 
 
+@pytest.mark.slow
 def test_the_seeds_keras_weights_file(tmp_path):
     # parity sets Keras' JAX backend before its keras_reference imports Keras.
     keras_reference = pytest.importorskip("parity.keras_reference")

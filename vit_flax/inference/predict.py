@@ -57,18 +57,23 @@ def _check_inputs(model: Model, images: np.ndarray, batch_size) -> None:
             f"pass raw pixels: uint8, or floats in 0..255 (e.g. images * 255)")
 
 
-def predict(model: Model, images, batch_size: int = 256) -> np.ndarray:
+DEFAULT_BATCH_SIZE = 256
+
+
+def predict(model: Model, images, batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
     """Logits (N, num_classes) for raw images (N, H, W, C), uint8 or float, in inference mode.
 
     Pixels are on the scale the model's Normalization was adapted on (0..255 for train.py's
     models): float images in [0, 1] for a model adapted on 0..255 are a ValueError, as are
     NaN or infinite pixels and a batch_size that is not a positive integer.
     Runs in batches of `batch_size` (the last one padded, so one compiled shape serves all);
-    a batch_size above the number of images is that number (nothing is allocated for more).
+    a batch_size above both the number of images and the default 256 is cut to the larger
+    of the two (nothing is allocated for more; the default's program, and so its float32
+    results to the last bit, stay what they were).
     """
     images = np.asarray(images)
     _check_inputs(model, images, batch_size)
-    batch_size = min(int(batch_size), max(len(images), 1))
+    batch_size = min(int(batch_size), max(len(images), DEFAULT_BATCH_SIZE))
     config = model.config
     graphdef, state = nnx.split(model)
     outputs = []

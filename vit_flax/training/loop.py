@@ -118,6 +118,10 @@ def prepare_fit(members: list[Member], models: Sequence[Model], train_set: data_
                                steps_per_epoch=-(-len(train_set) // config.batch_size),
                                mesh=mesh, models=models)
     train_feed = feeds.make_feed(train_set, mesh, data_on_device)
+    if isinstance(train_feed, feeds.StreamFeed):
+        # A data set too large to hold streams whole: its validation and test parts too,
+        # or they alone would take memory the stream saves.
+        data_on_device = False
     validation_feed = feeds.make_feed(validation_set, mesh, data_on_device) \
         if len(validation_set) else None
     started = time.perf_counter()
@@ -310,6 +314,9 @@ def resume(checkpoints: RunCheckpoints, state, fit: Fit, workdir: Path, log):
     middle = fit.mid_epoch.restore_latest(state) if fit.mid_epoch is not None else None
     if middle is not None and middle[1].epoch == progress.epoch and middle[1].step:
         state, progress = middle
+    elif middle is not None:  # Older than the epoch resumed from: never to be used again,
+        for number in fit.mid_epoch.manager.all_steps():  # and in the way of new numbers.
+            fit.mid_epoch.manager.delete(number)
     if not progress.epoch and not progress.step:
         return state, 0, 0, None
     if progress.epoch > fit.config.epochs:

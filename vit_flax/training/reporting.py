@@ -78,8 +78,8 @@ class Progress:
         if self.bar is None or not done_steps or time.monotonic() - self.last_refresh < 0.5:
             return
         # totals of an earlier step, already computed or nearly: reading them keeps the
-        # device busy with the steps queued behind.
-        means = totals_so_far.means()
+        # device busy with the steps queued behind. A group's: over all its runs.
+        means = pooled(totals_so_far).means()
         self.bar.n = done_steps
         self.bar.set_postfix(loss=f"{means['loss']:.4f}", accuracy=f"{means['accuracy']:.4f}")
         self.last_refresh = time.monotonic()
@@ -87,6 +87,16 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def pooled(totals: Totals) -> Totals:
+    """A group's stacked totals (a leading runs axis) summed over its runs; one run's as
+    they are."""
+    if not np.ndim(totals.count):
+        return totals
+    return Totals(sums={name: np.sum(value) for name, value in totals.sums.items()},
+                  count=np.sum(totals.count), first_nonfinite_step=np.max(
+                      totals.first_nonfinite_step))
 
 
 def metrics_line(prefix: str, metrics: dict[str, float]) -> str:
