@@ -12,9 +12,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from conftest import write_image_folder
 
 from vit_flax.data import sources, stream
+
+pytestmark = pytest.mark.slow  # Starts processes.
 
 REPO = Path(__file__).resolve().parents[2]
 # argv: port, process id, image folder. Prints one JSON line: the steps whose gathered
@@ -27,7 +30,6 @@ runtime.start_distributed(f"localhost:{sys.argv[1]}", 2, int(sys.argv[2]))
 from vit_flax.data import sources, stream
 from vit_flax.training import feeds, steps
 
-pytestmark = pytest.mark.slow  # Trains end to end, or starts processes.
 memory = sources.load_folder(sys.argv[3], 8).train
 opened, read = [], sources.read_image
 sources.read_image = lambda path, size: (opened.append(path), read(path, size))[1]
