@@ -249,16 +249,7 @@ class ViTConfig:
     @classmethod
     def from_json(cls, text: str) -> ViTConfig:
         """The config of `to_json`'s text; a ConfigError (one line) for anything else."""
-        try:
-            values = json.loads(text)
-        except ValueError as error:
-            raise ConfigError(f"not a ViTConfig: the text is not JSON ({error})") from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"not a ViTConfig: expected a JSON object of its fields, got "
-                              f"a {type(values).__name__}")
-        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ConfigError(f"not a ViTConfig: unknown fields {', '.join(unknown)}")
+        values = json_fields(cls, text)
         for field in dataclasses.fields(cls):
             if field.name in values and not _json_type_fits(values[field.name], field.default):
                 raise ConfigError(f"not a ViTConfig: {field.name} must be of the type of "
@@ -267,6 +258,22 @@ class ViTConfig:
             return cls(**values)
         except TypeError as error:  # A value of the wrong type that no check names.
             raise ConfigError(f"not a ViTConfig: {error}") from None
+
+
+def json_fields(cls, text: str) -> dict:
+    """The fields of a config dataclass `cls` in a JSON text: a ConfigError (one line) when
+    the text is not JSON, not an object, or names a field `cls` does not have."""
+    try:
+        values = json.loads(text)
+    except ValueError as error:
+        raise ConfigError(f"not a {cls.__name__}: the text is not JSON ({error})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"not a {cls.__name__}: expected a JSON object of its fields, got "
+                          f"a {type(values).__name__}")
+    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ConfigError(f"not a {cls.__name__}: unknown fields {', '.join(unknown)}")
+    return values
 
 
 def _json_type_fits(value, default) -> bool:

@@ -25,7 +25,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vit_flax.config import DTYPES, STANDARD_SIZES, ConfigError, Dtype, ViTConfig
+from vit_flax.config import (
+    DTYPES,
+    STANDARD_SIZES,
+    ConfigError,
+    Dtype,
+    ViTConfig,
+    json_fields,
+)
 from vit_flax.models.seed_vit import (
     BLOCK_REMAT_POLICY,
     DataAugmentation,
@@ -194,17 +201,7 @@ class ViTHubConfig:
     @classmethod
     def from_json(cls, text: str) -> ViTHubConfig:
         """The config of `to_json`'s text; a ConfigError (one line) for anything else."""
-        try:
-            values = json.loads(text)
-        except ValueError as error:
-            raise ConfigError(f"not a ViTHubConfig: the text is not JSON ({error})") from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"not a ViTHubConfig: expected a JSON object of its fields, got "
-                              f"a {type(values).__name__}")
-        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ConfigError(f"not a ViTHubConfig: unknown fields {', '.join(unknown)}")
-        return cls(**values)
+        return cls(**json_fields(cls, text))
 
 
 # --- Keras Hub's initializers -----------------------------------------------------------------
