@@ -80,6 +80,15 @@ def test_channel_statistics_of_a_lazy_split_are_the_in_memory_ones(folder, in_me
         np.testing.assert_array_equal(g, w)  # The same exact int64 sums.
 
 
+def test_the_processes_shares_of_the_sums_add_up_to_the_whole(folder):
+    images = stream.open_folder(folder, SIZE).train.images
+    whole = stream.channel_sums(images, chunk=4, workers=0)
+    parts = [stream.channel_sums(images, chunk=4, workers=0, share=i, shares=3)
+             for i in range(3)]
+    assert all(part.any() for part in parts)  # 21 images: 7 each.
+    np.testing.assert_array_equal(sum(parts), whole)
+
+
 class FakeTfds:
     """tfds.builder and tfds.data_source of a prepared 3-class data set of PNG records."""
 
@@ -221,6 +230,31 @@ def test_in_memory_feeds_skip_start_batches_too(in_memory, mesh, feed_class):
     assert len(whole) == 6 and len(resumed) == 2
     for got, want in zip(resumed, whole[4:], strict=True):
         assert_same(got, want)
+
+
+class StepOutput:
+    """Stands for a step's output, and records when it is waited for."""
+
+    def __init__(self, number: int, waited: list):
+        self.number, self.waited = number, waited
+
+    def block_until_ready(self):
+        self.waited.append(self.number)
+        return self
+
+
+def test_pace_keeps_the_host_at_most_ahead_steps_in_front_of_the_devices():
+    waited = []
+    pace = feeds.Pace(2)
+    for number in range(5):
+        pace(StepOutput(number, waited))
+        # After step n is dispatched, step n - 2 must have run.
+        assert waited == list(range(max(0, number - 1)))
+    free = feeds.Pace(feeds.DeviceFeed.AHEAD)  # Its steps hold no batch: never waits.
+    for number in range(5):
+        free(StepOutput(number, waited))
+    assert waited == [0, 1, 2]
+    assert feeds.HostFeed.AHEAD == feeds.StreamFeed.AHEAD == 2
 
 
 def test_a_worker_process_streams_the_same_batches(folder, in_memory, mesh):

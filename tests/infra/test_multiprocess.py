@@ -1,9 +1,11 @@
-"""Several processes on one host: train.py as 2 processes x 2 CPU devices trains as 1
-process x 4 devices does, only process 0 writes files, and a peer's death ends the others
-with one line instead of a hang."""
+"""Several processes on one host: train.py as 2 processes x 2 CPU devices, streaming its
+data, trains as 1 process x 4 devices does, each process reading only its share of the
+files; only process 0 writes files; and a peer's death ends the others with one line
+instead of a hang (that run keeps its data in memory: the in-memory path across processes)."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import os
@@ -24,30 +26,33 @@ from vit_flax.infra import runtime
 # Every test here starts processes: left out of the quick tier (pytest -m "not slow").
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
-# Runs train.py (argv[2:]) and prints, last, the files it wrote under the workdir (argv[1])
-# from Python (opened for writing, or renamed into place): JSON, figures, TensorBoard
-# events, orbax's metadata; orbax's array data is written by TensorStore, not seen here.
-WRITES_LOGGED = """
+# Runs train.py (argv[3:]) and prints, last, the files it wrote under the workdir (argv[1])
+# from Python (opened for writing, or renamed into place: JSON, figures, TensorBoard events,
+# orbax's metadata; orbax's array data is written by TensorStore, not seen here), and each
+# time it opened a file under the data folder (argv[2]) for reading.
+FILES_LOGGED = """
 import json, os, runpy, sys
-workdir = os.path.realpath(sys.argv[1])
-sys.argv = sys.argv[2:]
-written = set()
-def record(path):
+workdir, data = (os.path.realpath(path) + os.sep for path in sys.argv[1:3])
+sys.argv = sys.argv[3:]
+written, read = set(), []
+def relative(path, root):
     path = os.path.realpath(os.fsdecode(path))
-    if path.startswith(workdir + os.sep):
-        written.add(os.path.relpath(path, workdir))
+    return os.path.relpath(path, root) if path.startswith(root) else None
 def hook(event, args):
-    if event == "os.rename":
-        record(args[1])
+    if event == "os.rename" and relative(args[1], workdir):
+        written.add(relative(args[1], workdir))
     elif event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
         mode, flags = args[1] or "", args[2] or 0
         if set(mode) & set("wax+") or flags & (os.O_WRONLY | os.O_RDWR):
-            record(args[0])
+            if relative(args[0], workdir):
+                written.add(relative(args[0], workdir))
+        elif relative(args[0], data):
+            read.append(relative(args[0], data))
 sys.addaudithook(hook)
 try:
     runpy.run_path(sys.argv[0], run_name="__main__")
 finally:
-    print("WRITTEN " + json.dumps(sorted(written)), flush=True)
+    print("FILES " + json.dumps({"written": sorted(written), "read": read}), flush=True)
 """
 
 
@@ -78,8 +83,9 @@ def start(shared: dict, workdir: Path, devices: int, *extra: str, distributed=No
                   "--process-id", str(process_id)]
     env = dict(os.environ, JAX_PLATFORMS="cpu", VIT_FLAX_CACHE=str(shared["cache"]),
                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    return subprocess.Popen([sys.executable, "-c", WRITES_LOGGED, str(workdir),
-                             str(REPO / "train.py"), *flags], cwd=REPO, env=env,
+    return subprocess.Popen([sys.executable, "-c", FILES_LOGGED, str(workdir),
+                             str(shared["images"]), str(REPO / "train.py"), *flags], cwd=REPO,
+                            env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -89,26 +95,40 @@ def finish(process: subprocess.Popen, timeout: float = 900) -> tuple[str, str]:
     return stdout, stderr
 
 
+def files(stdout: str) -> dict:
+    """FILES_LOGGED's report: "written" and "read"."""
+    return json.loads(stdout.strip().splitlines()[-1].removeprefix("FILES "))
+
+
 def run_files(stdout: str) -> list[str]:
     """What the process wrote besides its part of the orbax checkpoints (which every
     process writes)."""
-    written = json.loads(stdout.strip().splitlines()[-1].removeprefix("WRITTEN "))
-    return [name for name in written
+    return [name for name in files(stdout)["written"]
             if not name.startswith(("run_state", "best_checkpoint"))]
 
 
-def test_two_processes_train_as_one_process_with_their_devices(shared, tmp_path):
+def test_two_streaming_processes_train_as_one_process_each_reading_its_share(shared,
+                                                                             tmp_path):
     port = free_port()
-    pair = [start(shared, tmp_path / "pair", 2, "--epochs", "2", distributed=(port, i))
-            for i in (0, 1)]
-    single = start(shared, tmp_path / "single", 4, "--epochs", "2")
+    pair = [start(shared, tmp_path / "pair", 2, "--epochs", "2", "--data-in", "stream",
+                  distributed=(port, i)) for i in (0, 1)]
+    single = start(shared, tmp_path / "single", 4, "--epochs", "2", "--data-in", "stream")
     (out0, _), (out1, _), (single_out, _) = (finish(p) for p in (*pair, single))
     assert "Epoch 2/2" in out0 and "Epoch" not in out1 and "Epoch 2/2" in single_out
+    assert "data streamed" in out0 and "data streamed" in single_out
     assert service_processes(port) == []  # Process 0's coordination service ended with it.
     # Process 0 writes the run's files, process 1 none of them.
     assert {".vit_flax-run.json", "config.json", "history.json", "results.json", "loss.png",
             "patches.png"} <= set(run_files(out0))
     assert run_files(out1) == []
+    # Each process decodes only its share (of the statistics pass, and its devices' rows of
+    # every training, validation and test step): together they open each file exactly as
+    # often as the one process does, so neither opened the other's. Process 1 opens a bit
+    # less than half: process 0 also draws the figures (5 images), and the last, partial
+    # batch of each split is filled from the first devices (process 0's).
+    reads = [collections.Counter(files(out)["read"]) for out in (out0, out1, single_out)]
+    assert reads[0] + reads[1] == reads[2]
+    assert 0.4 < reads[1].total() / reads[2].total() < 0.5  # Measured 90 / 197.
     pair_history, single_history = (
         json.loads((tmp_path / name / "history.json").read_text()) for name in ("pair", "single"))
     # The same program over the same 4 devices; only the all-reduce across the two processes
@@ -156,7 +176,8 @@ import vit_flax
 events = collections.Counter()
 jax.monitoring.register_event_listener(lambda event, **_: events.update([event]))
 config = vit_flax.ViTConfig(**json.loads(sys.argv[1]))
-results = vit_flax.run(config, dataset="folder", data_dir=sys.argv[2], workdir=sys.argv[3])
+results = vit_flax.run(config, dataset="folder", data_dir=sys.argv[2], workdir=sys.argv[3],
+                       unroll_threefry=False)  # As TINY_FLAGS.
 print(json.dumps({"hits": events["/jax/compilation_cache/cache_hits"],
                   "misses": events["/jax/compilation_cache/cache_misses"],
                   "compile_seconds": results["compile_seconds"]}))
@@ -240,12 +261,14 @@ def test_processes_started_with_other_settings_each_end_with_one_line():
     assert service_processes(port) == []
 
 
-# Process argv[2] of 2; once both are up, process 0 is killed (SIGKILL, by itself).
-COORDINATOR_KILLED = """
+# Process argv[2] of 2, with a heartbeat timeout of HEARTBEAT s (the test need not wait
+# the default's 20); once both are up, process 0 is killed (SIGKILL, by itself).
+HEARTBEAT = 5
+COORDINATOR_KILLED = f"""
 import os, sys, time
 from vit_flax.infra import runtime
 index = int(sys.argv[2])
-runtime.start_distributed(sys.argv[1], 2, index)
+runtime.start_distributed(sys.argv[1], 2, index, heartbeat_timeout={HEARTBEAT})
 print("up", flush=True)
 if index == 0:
     time.sleep(2)
@@ -261,8 +284,8 @@ def test_losing_process_0_ends_the_others_with_one_line():
     pair[0].wait(timeout=60)
     assert (pair[0].returncode, pair[1].returncode) == (-signal.SIGKILL, 1), stderr[-3000:]
     assert stderr.strip().splitlines()[-1] == (
-        f"error: process 0 of this 2-process run stopped (no heartbeat for "
-        f"{runtime.HEARTBEAT_TIMEOUT_SECONDS} s), so this one stops too; start every process "
+        f"error: process 0 of this 2-process run stopped (no heartbeat for {HEARTBEAT} s), "
+        f"so this one stops too; start every process "
         f"again to resume")
     assert "Traceback" not in stderr and "Check failure" not in stderr
     # Its coordination service outlived it for them (it ends by itself 30 s after their

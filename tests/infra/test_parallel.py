@@ -23,67 +23,10 @@ from vit_flax.training import steps
 from vit_flax.training.feeds import batch_rows, to_device
 from vit_flax.training.setup import create_train_state
 
-FOUR_DEVICES = textwrap.dedent("""
-    import json, sys
-    import jax, numpy as np
-    import vit_flax
-    from vit_flax.data import sources as data
-    config = vit_flax.ViTConfig(**json.loads(sys.argv[1]))
-    rng = np.random.default_rng(0)
-    labels = np.arange(120) % 3
-    images = np.clip(40 + 80 * labels[:, None, None, None]
-                     + rng.integers(-30, 30, (120, 8, 8, 3)), 0, 255).astype(np.uint8)
-    splits = data.from_arrays(images, labels, images[:24], labels[:24])
-    quiet = lambda _: None
-    one = vit_flax.train(config, splits, sys.argv[2] + "/one", log=quiet,
-                         devices=jax.devices()[:1])
-    four = vit_flax.train(config, splits, sys.argv[2] + "/four", log=quiet)
-    try:
-        vit_flax.train(config.replace(batch_size=6, microbatch_size=6), splits,
-                       sys.argv[2] + "/bad", log=quiet)
-    except vit_flax.ConfigError as error:
-        message = str(error)
-    print(json.dumps({"one": one["devices"], "four": four["devices"], "error": message}))
-""")
-
-
-@pytest.mark.slow
-def test_four_devices_train_like_one(tmp_path):
-    # Micro-batches of 4 in batches of 8: each of the 4 devices gets one row of each.
-    config = dict(TINY, epochs=3, microbatch_size=4)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-               JAX_PLATFORMS="cpu")
-    completed = subprocess.run([sys.executable, "-c", FOUR_DEVICES, json.dumps(config),
-                                str(tmp_path)], env=env, capture_output=True, text=True,
-                               timeout=600)
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    report = json.loads(completed.stdout.strip().splitlines()[-1])
-    assert (report["one"], report["four"]) == (1, 4)
-    assert report["error"] == ("batch_size (6) must be divisible by the number of devices (4); "
-                               "e.g. batch_size=4")
-    one = json.loads((tmp_path / "one" / "history.json").read_text())
-    four = json.loads((tmp_path / "four" / "history.json").read_text())
-    # The same random draws (partitionable threefry) and the same sums, reduced in another
-    # order across devices: float32 round-off only (measured: at most 1.1e-7 relative).
-    for a, b in zip(one, four, strict=True):
-        for key in ("loss", "val_loss"):
-            assert abs(a[key] - b[key]) <= 1e-6 * abs(a[key]), (key, a[key], b[key])
-    saved = json.loads((tmp_path / "four" / "results.json").read_text())
-    assert saved["devices"] == 4
-    # The weights too (measured: at most 9e-8 apart), except the attention key biases: their
-    # gradient is zero in exact arithmetic (softmax ignores a per-query shift), so they hold
-    # pure round-off, which AdamW normalises to steps of ~lr (measured 3.4e-4 after 15 steps).
-    weights = [dict(nnx.to_flat_state(nnx.state(vit_flax.load(tmp_path / run)[0], nnx.Param)))
-               for run in ("one", "four")]
-    for path, value in weights[0].items():
-        tolerance = 1e-3 if path[-2:] == ("key", "bias") else 1e-6
-        np.testing.assert_allclose(value[...], weights[1][path][...], rtol=0, atol=tolerance,
-                                   err_msg=".".join(map(str, path)))
-
-
-# Trains 4 epochs on 4 devices and on 1 (uninterrupted), then 2 epochs on one count and
-# resumes on the other to 4; prints nothing: the histories and checkpoints are the result.
-RESUME_ELSEWHERE = textwrap.dedent("""
+# In one process with 4 CPU devices (one JAX start, each program compiled once): trains 4
+# epochs on 4 devices and on 1, then 2 epochs on one count resumed on the other to 4; then
+# a batch the devices cannot split. Prints the device counts and the error.
+DEVICE_COUNTS = textwrap.dedent("""
     import json, sys
     import jax, numpy as np
     import vit_flax
@@ -97,25 +40,63 @@ RESUME_ELSEWHERE = textwrap.dedent("""
                      + rng.integers(-30, 30, (120, 8, 8, 3)), 0, 255).astype(np.uint8)
     splits = data.from_arrays(images, labels, images[:24], labels[:24])
     devices = {"one": jax.devices()[:1], "four": jax.devices()}
+    results = {}
     for name, runs in (("four", [(4, "four")]), ("one", [(4, "one")]),
                        ("four_then_one", [(2, "four"), (4, "one")]),
                        ("one_then_four", [(2, "one"), (4, "four")])):
         for epochs, count in runs:
-            vit_flax.train(config.replace(epochs=epochs), splits, f"{sys.argv[2]}/{name}",
-                           log=lambda _: None, devices=devices[count])
+            results[name] = vit_flax.train(config.replace(epochs=epochs), splits,
+                                           f"{sys.argv[2]}/{name}", log=lambda _: None,
+                                           devices=devices[count])["devices"]
+    try:
+        vit_flax.train(config.replace(batch_size=6, microbatch_size=6), splits,
+                       sys.argv[2] + "/bad", log=lambda _: None)
+    except vit_flax.ConfigError as error:
+        results["error"] = str(error)
+    print(json.dumps(results))
 """)
 
 
-@pytest.mark.slow
-def test_resuming_on_another_device_count_ends_as_the_uninterrupted_run(tmp_path):
-    config = dict(TINY, microbatch_size=4)
+@pytest.fixture(scope="module")
+def device_counts(tmp_path_factory) -> tuple[Path, dict]:
+    """DEVICE_COUNTS' workdirs and printed report; micro-batches of 4 in batches of 8: each
+    of the 4 devices gets one row of each."""
+    root = tmp_path_factory.mktemp("device_counts")
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
                JAX_PLATFORMS="cpu")
-    completed = subprocess.run([sys.executable, "-c", RESUME_ELSEWHERE, json.dumps(config),
-                                str(tmp_path), str(tmp_path / "cache")], env=env,
-                               capture_output=True, text=True, timeout=900)
+    completed = subprocess.run([sys.executable, "-c", DEVICE_COUNTS,
+                                json.dumps(dict(TINY, microbatch_size=4)), str(root),
+                                str(root / "cache")],
+                               env=env, capture_output=True, text=True, timeout=900)
     assert completed.returncode == 0, completed.stderr[-3000:]
-    history = {name: json.loads((tmp_path / name / "history.json").read_text())
+    return root, json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_four_devices_train_like_one(device_counts):
+    root, report = device_counts
+    assert (report["one"], report["four"]) == (1, 4)
+    assert report["error"] == ("batch_size (6) must be divisible by the number of devices (4); "
+                               "e.g. batch_size=4")
+    one = json.loads((root / "one" / "history.json").read_text())
+    four = json.loads((root / "four" / "history.json").read_text())
+    # The same random draws (partitionable threefry) and the same sums, reduced in another
+    # order across devices: float32 round-off only (measured: at most 1.1e-7 relative).
+    for a, b in zip(one, four, strict=True):
+        for key in ("loss", "val_loss"):
+            assert abs(a[key] - b[key]) <= 1e-6 * abs(a[key]), (key, a[key], b[key])
+    saved = json.loads((root / "four" / "results.json").read_text())
+    assert saved["devices"] == 4
+    # The weights too (measured: at most 9e-8 apart), except the attention key biases
+    # (assert_same_weights says why).
+    assert_same_weights(vit_flax.load(root / "one")[0], vit_flax.load(root / "four")[0])
+
+
+@pytest.mark.slow
+def test_resuming_on_another_device_count_ends_as_the_uninterrupted_run(device_counts):
+    root, report = device_counts
+    assert (report["four_then_one"], report["one_then_four"]) == (1, 4)  # Where each ended.
+    history = {name: json.loads((root / name / "history.json").read_text())
                for name in ("four", "one", "four_then_one", "one_then_four")}
     # The state is saved and restored exactly; the resumed epochs differ from the
     # uninterrupted ones only in where the gradient sums are added (measured: at most
@@ -125,7 +106,7 @@ def test_resuming_on_another_device_count_ends_as_the_uninterrupted_run(tmp_path
         for a, b in zip(history[resumed], history[uninterrupted], strict=True):
             for key in ("loss", "val_loss", "accuracy", "val_accuracy"):
                 assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), (resumed, key)
-    models = {name: vit_flax.load(tmp_path / name)[0] for name in history}
+    models = {name: vit_flax.load(root / name)[0] for name in history}
     for name in ("four_then_one", "one_then_four", "one"):
         assert_same_weights(models[name], models["four"])
 

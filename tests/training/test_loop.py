@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 
 import jax
@@ -204,7 +205,7 @@ def metrics_of(workdir) -> list[list[float]]:
 
 
 @pytest.mark.slow
-def test_a_folder_streamed_from_disk_trains_as_in_memory(tmp_path):
+def test_a_folder_streamed_from_disk_trains_as_in_memory(tmp_path, monkeypatch):
     # The same files, order and batches: decoded up front (DeviceFeed) or by the streaming
     # pipeline each step (StreamFeed). Measured: identical histories on one CPU device; the
     # stated tolerance is float32 round-off of the two step programs (gather in the step, or
@@ -212,7 +213,12 @@ def test_a_folder_streamed_from_disk_trains_as_in_memory(tmp_path):
     from conftest import TINY, write_image_folder
 
     from vit_flax.data import stream
+    from vit_flax.training import feeds
 
+    paced = collections.Counter()  # Steps whose output went through a Pace, by its limit.
+    pace = feeds.Pace.__call__
+    monkeypatch.setattr(feeds.Pace, "__call__", lambda self, output: (
+        paced.update([self.ahead]), pace(self, output)))
     folder = write_image_folder(tmp_path / "images", train_per_class=7, size=12, suffix=".jpg")
     config = vit_flax.ViTConfig(**TINY, epochs=2)
     lines = {}
@@ -221,6 +227,8 @@ def test_a_folder_streamed_from_disk_trains_as_in_memory(tmp_path):
         vit_flax.train(config, stream.open_folder(folder, 8), tmp_path / data_in,
                        data_in=data_in, log=lines[data_in].append)
     assert "data on the devices" in lines["memory"][0] and "streamed" in lines["stream"][0]
+    # Every train and validation step of both epochs (19 and 2 images: 3 + 1 steps each).
+    assert paced == {None: 8, feeds.StreamFeed.AHEAD: 8}
     for streamed, in_memory in zip(metrics_of(tmp_path / "stream"),
                                    metrics_of(tmp_path / "memory"), strict=True):
         assert streamed == pytest.approx(in_memory, rel=1e-5)

@@ -65,15 +65,19 @@ GOLDEN_RUN = textwrap.dedent("""
 BEFORE_RECIPES = "f86eabb84ddf1eec8ce150d3ede5d7fe35c4d027"
 
 
-def golden_run(package_root: Path) -> dict:
-    """GOLDEN_RUN's numbers with the vit_flax found in package_root."""
+def golden_run(package_root: Path, cache: Path) -> dict:
+    """GOLDEN_RUN's numbers with the vit_flax found in package_root. Both runs share the
+    compilation `cache`: where the two versions lower to the same programs, the second loads
+    them (the same programs give the same bits; the test compares the numbers either way)."""
     tiny = {k: v for k, v in TINY.items() if k != "mlp_head_units"} | {"mlp_head_units": [16, 8]}
     # cwd and PYTHONPATH first on sys.path: this vit_flax, not the installed one.
     completed = subprocess.run(
         [sys.executable, "-c", GOLDEN_RUN, json.dumps(tiny),
          str(ROOT / "vit_flax/infra/runtime.py")],
         capture_output=True, text=True, timeout=600, cwd=package_root,
-        env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(package_root)))
+        env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(package_root),
+                 JAX_COMPILATION_CACHE_DIR=str(cache),
+                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0"))
     assert completed.returncode == 0, completed.stderr[-3000:]
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
@@ -87,9 +91,9 @@ def test_the_keras_recipe_trains_bit_for_bit_as_before_the_recipes(tmp_path):
         f"{archive.stderr.decode()[-500:]}")
     with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
         tar.extractall(tmp_path, filter="data")
-    before = golden_run(tmp_path)
+    before = golden_run(tmp_path, tmp_path / "cache")
     assert before["history"][0][0] != before["history"][1][0]  # It trained.
-    assert golden_run(ROOT) == before
+    assert golden_run(ROOT, tmp_path / "cache") == before
     assert vit_flax.ViTConfig.recipe("keras") == vit_flax.ViTConfig()  # train.py's default.
 
 

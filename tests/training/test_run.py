@@ -13,7 +13,7 @@ import vit_flax
 pytestmark = pytest.mark.slow  # Trains end to end, or starts processes.
 
 CONFIG = vit_flax.ViTConfig(**TINY, epochs=1)
-quiet = {"compilation_cache": None}
+quiet = {"compilation_cache": None, "unroll_threefry": False}  # As TINY_FLAGS.
 
 
 @pytest.fixture(scope="module")

@@ -83,7 +83,8 @@ def check_distributed_options(coordinator_address: str | None, num_processes: in
 
 def start_distributed(coordinator_address: str | None, num_processes: int | None,
                       process_id: int | None, *,
-                      initialization_timeout: float = INITIALIZATION_TIMEOUT_SECONDS) -> bool:
+                      initialization_timeout: float = INITIALIZATION_TIMEOUT_SECONDS,
+                      heartbeat_timeout: int = HEARTBEAT_TIMEOUT_SECONDS) -> bool:
     """JAX's distributed runtime, for training as one of several processes (or hosts);
     nothing (False) when none of the three is given (check_distributed_options).
 
@@ -91,7 +92,7 @@ def start_distributed(coordinator_address: str | None, num_processes: int | None
     chosen before the backend starts. JAX's coordination client ends every process with a
     fatal log (a C++ abort and its stack) when one of them dies; with recoverable tasks the
     survivors get errors instead, and a watch thread ends each with one line on stderr
-    within HEARTBEAT_TIMEOUT_SECONDS (+1 s) of the death. Process 0's death too: the
+    within `heartbeat_timeout` seconds (+1 s) of the death. Process 0's death too: the
     coordination service it serves runs in a process of its own (SERVICE), which outlives
     it. A process whose peers do not all connect within `initialization_timeout` seconds
     ends with one line (exit status 1).
@@ -112,17 +113,18 @@ def start_distributed(coordinator_address: str | None, num_processes: int | None
     alarm.daemon = True
     alarm.start()
     try:
-        service = _Service.start(coordinator_address, num_processes, recoverable) \
+        service = _Service.start(coordinator_address, num_processes, recoverable,
+                                 heartbeat_timeout) \
             if process_id == 0 else None
         with _served_by(service):
             jax.distributed.initialize(coordinator_address, num_processes, process_id,
                                        initialization_timeout=int(initialization_timeout) + 60,
-                                       heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_SECONDS)
+                                       heartbeat_timeout_seconds=heartbeat_timeout)
     finally:
         alarm.cancel()
     if service is not None:
         service.tell("started")
-    _watch = _PeerWatch(jax.process_count())
+    _watch = _PeerWatch(jax.process_count(), heartbeat_timeout)
     threading.Thread(target=_watch.run, name="vit_flax-peers", daemon=True).start()
     return True
 
@@ -132,7 +134,7 @@ def start_distributed(coordinator_address: str | None, num_processes: int | None
 # (a C++ fatal log, which no watch can precede). Apart, it outlives a killed process 0 long
 # enough for the others to learn of the death from its missing heartbeats (and end with
 # the watch's one line), then ends: at once when process 0 ends a run in order (or died
-# before every process had connected), else after HEARTBEAT_TIMEOUT_SECONDS + 30 s.
+# before every process had connected), else after the heartbeat timeout + 30 s.
 SERVICE = """
 import os, sys, time
 from jaxlib import _jax
@@ -165,7 +167,8 @@ class _Service:
         self.process = process
 
     @classmethod
-    def start(cls, address: str, count: int, recoverable: bool) -> _Service | None:
+    def start(cls, address: str, count: int, recoverable: bool,
+              heartbeat_timeout: int = HEARTBEAT_TIMEOUT_SECONDS) -> _Service | None:
         """The service's process, ready (None where JAX cannot be given it: then JAX starts
         its own); a one-line ConfigError when it cannot serve."""
         from jax._src import distributed
@@ -174,7 +177,7 @@ class _Service:
             return None
         process = subprocess.Popen(
             [sys.executable, "-c", SERVICE, address.rpartition(":")[2], str(count),
-             str(HEARTBEAT_TIMEOUT_SECONDS), str(int(recoverable))],
+             str(heartbeat_timeout), str(int(recoverable))],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
             text=True, start_new_session=True)  # Not stopped with this process's group.
         answer = process.stdout.readline().strip()
@@ -282,8 +285,9 @@ def _shown(value) -> str:
 class _PeerWatch:
     """Asks JAX's coordination service every second which processes it still hears from."""
 
-    def __init__(self, count: int):
+    def __init__(self, count: int, heartbeat_timeout: int = HEARTBEAT_TIMEOUT_SECONDS):
         self.count, self.stopped = count, threading.Event()
+        self.heartbeat_timeout = heartbeat_timeout
         self.settings_round = 0  # check_started_alike's calls so far: each its own keys.
 
     def dead(self) -> list[int]:
@@ -303,14 +307,14 @@ class _PeerWatch:
         dead = self.dead()
         if dead and not self.stopped.is_set():
             print(f"error: process {', '.join(map(str, dead))} of this {self.count}-process "
-                  f"run stopped (no heartbeat for {HEARTBEAT_TIMEOUT_SECONDS} s), so this one "
+                  f"run stopped (no heartbeat for {self.heartbeat_timeout} s), so this one "
                   f"stops too; start every process again to resume", file=sys.stderr,
                   flush=True)
             os._exit(1)
 
     def wait_for_verdict(self) -> None:
         """Up to the heartbeat timeout (+5 s): ends the process if a peer is found dead."""
-        deadline = time.monotonic() + HEARTBEAT_TIMEOUT_SECONDS + 5
+        deadline = time.monotonic() + self.heartbeat_timeout + 5
         while time.monotonic() < deadline:
             self.exit_if_dead()
             time.sleep(1)

@@ -66,9 +66,30 @@ def fits_on_device(dataset: data_lib.Dataset, mesh, fraction: float = 0.25) -> b
     return bool(multihost_utils.process_allgather(np.asarray(fits)).all())
 
 
+class Pace:
+    """Keeps the host at most `ahead` steps in front of the devices: called with each step's
+    output, it waits for the output of the step `ahead` before. JAX dispatches steps
+    asynchronously and without limit; a step holds its batch until it runs, so a loop whose
+    batches are made on the host (HostFeed, StreamFeed) and come faster than the steps run
+    would pile up batches in host memory (measured: 1.6 GB of queued 224-px batches, most of
+    a 12,800-image epoch, before this)."""
+
+    def __init__(self, ahead: int | None):
+        self.ahead, self.pending = ahead, collections.deque()
+
+    def __call__(self, output) -> None:
+        if self.ahead is None:  # Batches already on the devices: nothing piles up.
+            return
+        self.pending.append(output)
+        if len(self.pending) > self.ahead:
+            jax.block_until_ready(self.pending.popleft())
+
+
 class DeviceFeed:
     """The split lives on the devices; a step gets the whole arrays and its index row, and
     gathers its batch in jit. No per-step host work."""
+
+    AHEAD = None  # Pace: its steps hold index rows only, the host may run ahead freely.
 
     def __init__(self, dataset: data_lib.Dataset, mesh):
         self.arrays, self.mesh, self.size = to_device(dataset, mesh), mesh, len(dataset)
@@ -84,6 +105,7 @@ class HostFeed:
     `PREFETCH` steps ahead of the step that uses it (the step indexes it with 0..B-1)."""
 
     PREFETCH = 2
+    AHEAD = 2  # Pace: steps dispatched and not yet run, each holding its batch.
 
     def __init__(self, dataset: data_lib.Dataset, mesh):
         self.dataset, self.mesh, self.size = dataset, mesh, len(dataset)
@@ -130,6 +152,7 @@ class StreamFeed:
     """
 
     PREFETCH = 2
+    AHEAD = 2  # Pace: steps dispatched and not yet run, each holding its batch.
 
     def __init__(self, dataset: data_lib.Dataset, mesh, workers: int | None = None,
                  threads: int | None = None):

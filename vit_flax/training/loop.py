@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from vit_flax.config import ConfigError, ViTConfig
 from vit_flax.data import sources as data_lib
@@ -125,8 +126,9 @@ def prepare_fit(members: list[Member], models: Sequence[Model], train_set: data_
     validation_feed = feeds.make_feed(validation_set, mesh, data_on_device) \
         if len(validation_set) else None
     started = time.perf_counter()
-    order = np.zeros((len(members), config.batch_size) if stacked else config.batch_size,
-                     np.int32)
+    # A batch of padding only (-1): the step's shapes, and no image read to compile it.
+    order = np.full((len(members), config.batch_size) if stacked else config.batch_size, -1,
+                    np.int32)
     example = next(train_feed.batches(order, config.batch_size))
     train_step = setup.train_step.lower(setup.state, setup.statistics, setup.zero_totals(),
                                         *example).compile()
@@ -164,6 +166,7 @@ def train_epoch(fit: Fit, state: steps.TrainState, epoch: int, start: int = 0,
     progress = reporting.Progress(epoch, config.epochs, fit.steps_per_epoch)
     totals = fit.zero_totals() if totals is None else totals
     batches = iter(fit.train_feed.batches(order, config.batch_size, start=start))
+    pace = feeds.Pace(fit.train_feed.AHEAD)
     waited = 0.0
     with contextlib.closing(progress):
         for i in itertools.count(start):
@@ -176,6 +179,7 @@ def train_epoch(fit: Fit, state: steps.TrainState, epoch: int, start: int = 0,
                 return state, None
             previous = totals
             state, totals = fit.train_step(state, fit.statistics, totals, *batch)
+            pace(totals)
             progress.update(i, previous)
             if fit.log_every and i and i % fit.log_every == 0:
                 _log_step(fit, state, previous)
@@ -235,8 +239,10 @@ def evaluate(eval_step, params, statistics, feed, batch_size: int,
     """Metrics of `params` over a feed's split: a dict for one run; with `means` (a Fit's
     run_means) and stacked `totals`, one dict per run."""
     totals = steps.Totals.zero() if totals is None else totals
+    pace = feeds.Pace(feed.AHEAD)
     for batch in feed.batches(np.arange(feed.size), batch_size):
         totals = eval_step(params, statistics, totals, *batch)
+        pace(totals)
     return totals.means() if means is None else means(totals)
 
 
@@ -464,10 +470,15 @@ def _claim(workdir: Path, members: list[Member], held: contextlib.ExitStack,
 
 def normalization_statistics(images) -> tuple:
     """What Normalization.adapt computes of the training images (as the seed: all of them,
-    the validation part too): from arrays, or in one streamed pass over lazy images."""
-    if isinstance(images, stream.LazyImages):
-        return (*stream.channel_statistics(images), len(images))
-    return (*augment.channel_statistics(np.asarray(images)), len(images))
+    the validation part too): from arrays, or in one streamed pass over lazy images, each
+    of several processes decoding its share of them (their exact sums are added)."""
+    if not isinstance(images, stream.LazyImages) or isinstance(images, stream.ArrayImages):
+        return (*augment.channel_statistics(np.asarray(images)), len(images))
+    sums = stream.channel_sums(images, share=jax.process_index(), shares=jax.process_count())
+    if jax.process_count() > 1:  # As bytes: JAX would cut int64 to int32 (no x64).
+        parts = multihost_utils.process_allgather(sums.view(np.uint8))
+        sums = np.asarray(parts, np.uint8).view(np.int64).reshape(-1, *sums.shape).sum(0)
+    return (*stream.statistics_of_sums(sums, images), len(images))
 
 
 def _initial_model(config: ViTConfig, statistics: tuple, init_from, log) -> Model:
