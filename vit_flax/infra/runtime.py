@@ -288,6 +288,7 @@ class _PeerWatch:
     def __init__(self, count: int, heartbeat_timeout: int = HEARTBEAT_TIMEOUT_SECONDS):
         self.count, self.stopped = count, threading.Event()
         self.heartbeat_timeout = heartbeat_timeout
+        self.ending = threading.Lock()  # Held by the thread that says a peer died, and exits.
         self.settings_round = 0  # check_started_alike's calls so far: each its own keys.
 
     def dead(self) -> list[int]:
@@ -304,13 +305,18 @@ class _PeerWatch:
     def exit_if_dead(self) -> None:
         # os._exit: the run cannot go on without them, and a normal exit would wait on them
         # (checkpoint barriers, collectives); the last finished epoch's checkpoint is kept.
+        # The watch thread and a thread waiting for a verdict (wait_for_verdict) may both
+        # find the death at once: one of them says it, in one write, and ends the process
+        # (seen without the lock: the two lines run together into one).
         dead = self.dead()
         if dead and not self.stopped.is_set():
-            print(f"error: process {', '.join(map(str, dead))} of this {self.count}-process "
-                  f"run stopped (no heartbeat for {self.heartbeat_timeout} s), so this one "
-                  f"stops too; start every process again to resume", file=sys.stderr,
-                  flush=True)
-            os._exit(1)
+            with self.ending:
+                sys.stderr.write(
+                    f"error: process {', '.join(map(str, dead))} of this {self.count}-process "
+                    f"run stopped (no heartbeat for {self.heartbeat_timeout} s), so this one "
+                    f"stops too; start every process again to resume\n")
+                sys.stderr.flush()
+                os._exit(1)
 
     def wait_for_verdict(self) -> None:
         """Up to the heartbeat timeout (+5 s): ends the process if a peer is found dead."""
