@@ -47,15 +47,20 @@ def pytest_configure(config):
 # first: pytest-xdist hands them out before the rest, so that no long file starts last and
 # leaves one worker running alone at the end (longest processing time first). Without this,
 # --dist loadfile hands out the files with the most tests first, whatever their time.
-LONGEST_FIRST = (
-    "parity/test_keras_hub.py",
-    "tests/test_cli.py",
-    "tests/infra/test_multiprocess.py",
-    "tests/infra/test_parallel.py",
-    "tests/infra/test_checkpoints.py",
-    "tests/training/test_resume.py",
-    "tests/training/test_group.py",
-    "tests/models/test_hub_vit.py",
+LONGEST_FIRST = (  # Worker-seconds per file, 2026-12-06, -n 2 on the idle machine.
+    "tests/infra/test_multiprocess.py",  # 122
+    "tests/training/test_resume.py",  # 112
+    "tests/infra/test_parallel.py",  # 101
+    "tests/training/test_loop.py",  # 98
+    "parity/test_keras_hub.py",  # 90
+    "tests/test_gpu_check.py",  # 86
+    "tests/training/test_recipe.py",  # 85
+    "tests/training/test_group.py",  # 72
+    "tests/weights/test_finetune.py",  # 65
+    "parity/test_training.py",  # 59
+    "tests/test_cli.py",  # 46
+    "tests/test_mutations.py",  # 43
+    "tests/infra/test_checkpoints.py",  # 35
 )
 
 
