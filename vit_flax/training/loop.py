@@ -25,7 +25,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
 
 from vit_flax.config import ConfigError, ViTConfig
 from vit_flax.data import sources as data_lib
@@ -474,10 +473,8 @@ def normalization_statistics(images) -> tuple:
     of several processes decoding its share of them (their exact sums are added)."""
     if not isinstance(images, stream.LazyImages) or isinstance(images, stream.ArrayImages):
         return (*augment.channel_statistics(np.asarray(images)), len(images))
-    sums = stream.channel_sums(images, share=jax.process_index(), shares=jax.process_count())
-    if jax.process_count() > 1:  # As bytes: JAX would cut int64 to int32 (no x64).
-        parts = multihost_utils.process_allgather(sums.view(np.uint8))
-        sums = np.asarray(parts, np.uint8).view(np.int64).reshape(-1, *sums.shape).sum(0)
+    sums = parallel.sum_over_processes(stream.channel_sums(
+        images, share=jax.process_index(), shares=jax.process_count()))
     return (*stream.statistics_of_sums(sums, images), len(images))
 
 
