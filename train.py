@@ -100,6 +100,9 @@ RUN_FLAGS = {
                                   "jax.distributed)"),
     "num_processes": (None, "several processes: how many"),
     "process_id": (None, "several processes: this one's index"),
+    "heartbeat_timeout": (20, "several processes: seconds without a peer's heartbeat before "
+                              "every process stops with one line (how long a dead peer goes "
+                              "unnoticed)"),
     "init_from": (None, "fine-tune: start from a vit_flax workdir (a train.py run: its best "
                         "model) or a Keras Hub preset directory (its config.json, "
                         "model.weights.h5 and image converter; the model's shape flags "
@@ -132,7 +135,7 @@ OS_ERROR_HINTS = {errno.ENOSPC: _RESUME.format("free space"),
 CHOICES = {"data_in": ("auto", "memory", "stream")}
 INTEGER_FLAGS = {"train_examples", "test_examples", "keep_checkpoints", "log_every",
                  "checkpoint_every",
-                 "num_processes", "process_id"}
+                 "num_processes", "process_id", "heartbeat_timeout"}
 
 
 def build_parser(config_class, recipes, models) -> argparse.ArgumentParser:

@@ -48,19 +48,20 @@ def pytest_configure(config):
 # leaves one worker running alone at the end (longest processing time first). Without this,
 # --dist loadfile hands out the files with the most tests first, whatever their time.
 LONGEST_FIRST = (  # Worker-seconds per file, 2026-12-06, -n 2 on the idle machine.
-    "tests/infra/test_multiprocess.py",  # 122
-    "tests/training/test_resume.py",  # 112
-    "tests/infra/test_parallel.py",  # 101
-    "tests/training/test_loop.py",  # 98
-    "parity/test_keras_hub.py",  # 90
-    "tests/test_gpu_check.py",  # 86
-    "tests/training/test_recipe.py",  # 85
-    "tests/training/test_group.py",  # 72
-    "tests/weights/test_finetune.py",  # 65
-    "parity/test_training.py",  # 59
-    "tests/test_cli.py",  # 46
-    "tests/test_mutations.py",  # 43
-    "tests/infra/test_checkpoints.py",  # 35
+    "tests/training/test_resume.py",  # 143
+    "tests/infra/test_multiprocess.py",  # 118
+    "tests/test_gpu_check.py",  # 106
+    "tests/training/test_loop.py",  # 100
+    "tests/infra/test_parallel.py",  # 92
+    "tests/training/test_recipe.py",  # 83
+    "parity/test_keras_hub.py",  # 75
+    "tests/training/test_group.py",  # 75
+    "parity/test_training.py",  # 66
+    "tests/weights/test_finetune.py",  # 60
+    "tests/inference/test_export.py",  # 37
+    "tests/test_mutations.py",  # 35
+    "tests/models/test_hub_vit.py",  # 33
+    "tests/infra/test_checkpoints.py",  # 29
 )
 
 

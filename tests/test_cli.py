@@ -240,6 +240,21 @@ def test_every_config_field_has_its_flag_with_the_configs_default(help_text):
     assert from_flags == vit_flax.ViTConfig()  # The defaults are the seed's, in one place.
 
 
+def test_every_run_flag_defaults_to_what_the_library_defaults_to():
+    import inspect
+
+    from vit_flax.training.options import DataSpec, Processes, RunOptions
+
+    library = {f.name: f.default for cls in (DataSpec, Processes, RunOptions)
+               for f in dataclasses.fields(cls)}
+    library |= {name: parameter.default for name, parameter
+                in inspect.signature(vit_flax.run).parameters.items()}
+    assert set(train.RUN_FLAGS) - set(library) == {"seeds"}  # A group's list: vit_flax.sweep.
+    assert {name: default for name, (default, _) in train.RUN_FLAGS.items()
+            if name != "seeds"} == {name: library[name] for name in train.RUN_FLAGS
+                                    if name != "seeds"}
+
+
 @pytest.mark.slow
 def test_help_in_a_real_process_is_the_parsers(help_text):
     done = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True,

@@ -46,7 +46,10 @@ def test_reduced_gpu_check_runs_every_part_and_reports(tmp_path):
     for dtype in ("float32", "bfloat16"):
         bench = report["benchmark"][dtype]["report"]
         assert bench["dtype"] == dtype and bench["results"]["vit_flax"]["images_per_second"] > 0
-        assert bench["compilation_cache"]["first_step_warm_cache"] > 0
+    # The cache check, reduced: float32's only (the full check runs it for both dtypes).
+    assert report["benchmark"]["float32"]["report"]["compilation_cache"][
+        "first_step_warm_cache"] > 0
+    assert "compilation_cache" not in report["benchmark"]["bfloat16"]["report"]
     epoch = report["epoch"]
     assert epoch["status"] == 0 and epoch["train_examples"] == 180  # 90% of 10 x 20.
     assert epoch["epoch_seconds"] > 0

@@ -182,6 +182,22 @@ def test_make_feed_decodes_small_splits_and_streams_large_or_forced_ones(folder,
     assert isinstance(feeds.make_feed(in_memory.train, mesh), feeds.DeviceFeed)
 
 
+def test_a_split_goes_to_the_devices_padded_to_its_stored_rows(monkeypatch, mesh):
+    assert [feeds.stored_rows(n) for n in (1, 256, 257, 5000, 45_000, 32_769)] == \
+        [256, 256, 512, 5120, 45_056, 36_864]  # At most 1/8 more (the last), often far less.
+    images = np.arange(5 * 2 * 2 * 3, dtype=np.uint8).reshape(5, 2, 2, 3)
+    labels = np.array([4, 3, 2, 1, 0], np.int32)
+    padded_images, padded_labels = feeds.to_device(Dataset(images, labels), mesh)
+    assert padded_images.shape == (256, 2, 2, 3) and padded_labels.shape == (256,)
+    np.testing.assert_array_equal(np.asarray(padded_images[:5]), images)
+    np.testing.assert_array_equal(np.asarray(padded_labels[:5]), labels)
+    assert not np.asarray(padded_images[5:]).any() and not np.asarray(padded_labels[5:]).any()
+    # Above PAD_BYTES a split goes as it is: padding would copy it on the host first.
+    monkeypatch.setattr(feeds, "PAD_BYTES", images.nbytes + labels.nbytes - 1)
+    exact_images, exact_labels = feeds.to_device(Dataset(images, labels), mesh)
+    assert exact_images.shape == images.shape and exact_labels.shape == labels.shape
+
+
 # --- the streamed feed -----------------------------------------------------------------------
 
 def test_streamed_batches_are_the_in_memory_ones_in_the_same_order(folder, in_memory, mesh):

@@ -26,6 +26,9 @@ from vit_flax.infra import runtime
 # Every test here starts processes: left out of the quick tier (pytest -m "not slow").
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
+# The heartbeat timeout of the tests where a process dies: a death is seen within it, so
+# the tests need not wait the default's 20 s (runtime.HEARTBEAT_TIMEOUT_SECONDS).
+HEARTBEAT = 5
 # Runs train.py (argv[3:]) and prints, last, the files it wrote under the workdir (argv[1])
 # from Python (opened for writing, or renamed into place: JSON, figures, TensorBoard events,
 # orbax's metadata; orbax's array data is written by TensorStore, not seen here), and each
@@ -58,12 +61,12 @@ finally:
 
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory) -> dict:
-    """One image folder and one compilation cache for the module's runs (the kill test's
-    programs are the parity test's, loaded instead of compiled again)."""
+    """One image folder for the module's runs, and the session's compilation cache (conftest:
+    the kill test's programs are the parity test's, loaded instead of compiled again)."""
     root = tmp_path_factory.mktemp("multiprocess")
     return {"images": write_image_folder(root / "images", train_per_class=20,
                                          test_per_class=4),
-            "cache": root / "cache"}
+            "cache": os.environ["VIT_FLAX_CACHE"]}
 
 
 def free_port() -> int:
@@ -145,8 +148,9 @@ def test_two_streaming_processes_train_as_one_process_each_reading_its_share(sha
 
 def test_a_dead_peer_ends_the_other_process_with_one_line(shared, tmp_path):
     port = free_port()
-    pair = [start(shared, tmp_path / "run", 2, "--epochs", "1000", distributed=(port, i))
-            for i in (0, 1)]
+    # --heartbeat-timeout 5 (default 20): train.py passes it on; the death is seen as soon.
+    pair = [start(shared, tmp_path / "run", 2, "--epochs", "1000", "--heartbeat-timeout",
+                  str(HEARTBEAT), distributed=(port, i)) for i in (0, 1)]
     first = pair[0].stdout.readline()
     while first and not first.startswith("Epoch 1/"):
         first = pair[0].stdout.readline()
@@ -156,13 +160,13 @@ def test_a_dead_peer_ends_the_other_process_with_one_line(shared, tmp_path):
                              f"process 1: {pair[1].communicate()[1][-3000:]}")
     pair[1].send_signal(signal.SIGKILL)
     killed = time.monotonic()
-    _, stderr = pair[0].communicate(timeout=runtime.HEARTBEAT_TIMEOUT_SECONDS + 60)
+    _, stderr = pair[0].communicate(timeout=HEARTBEAT + 60)
     pair[1].wait()
     assert pair[0].returncode == 1
-    assert time.monotonic() - killed < runtime.HEARTBEAT_TIMEOUT_SECONDS + 30
+    assert time.monotonic() - killed < HEARTBEAT + 30
     assert stderr.strip().splitlines()[-1] == (
         f"error: process 1 of this 2-process run stopped (no heartbeat for "
-        f"{runtime.HEARTBEAT_TIMEOUT_SECONDS} s), so this one stops too; start every process "
+        f"{HEARTBEAT} s), so this one stops too; start every process "
         f"again to resume")
     assert "Traceback" not in stderr and "Check failure" not in stderr
 
@@ -261,9 +265,8 @@ def test_processes_started_with_other_settings_each_end_with_one_line():
     assert service_processes(port) == []
 
 
-# Process argv[2] of 2, with a heartbeat timeout of HEARTBEAT s (the test need not wait
-# the default's 20); once both are up, process 0 is killed (SIGKILL, by itself).
-HEARTBEAT = 5
+# Process argv[2] of 2, with a heartbeat timeout of HEARTBEAT s; once both are up, process
+# 0 is killed (SIGKILL, by itself).
 COORDINATOR_KILLED = f"""
 import os, sys, time
 from vit_flax.infra import runtime

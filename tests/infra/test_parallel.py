@@ -66,7 +66,7 @@ def device_counts(tmp_path_factory) -> tuple[Path, dict]:
                JAX_PLATFORMS="cpu")
     completed = subprocess.run([sys.executable, "-c", DEVICE_COUNTS,
                                 json.dumps(dict(TINY, microbatch_size=4)), str(root),
-                                str(root / "cache")],
+                                os.environ["VIT_FLAX_CACHE"]],  # The session's (conftest).
                                env=env, capture_output=True, text=True, timeout=900)
     assert completed.returncode == 0, completed.stderr[-3000:]
     return root, json.loads(completed.stdout.strip().splitlines()[-1])

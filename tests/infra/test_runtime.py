@@ -106,6 +106,15 @@ def test_a_wrong_multi_process_start_is_a_one_line_error_naming_the_options(
     assert runtime._watch is None
 
 
+@pytest.mark.parametrize("seconds", [0, -5, 2.5, "20"])
+def test_a_heartbeat_timeout_that_is_not_whole_positive_seconds_is_refused(seconds):
+    with pytest.raises(ConfigError) as refused:
+        runtime.start_distributed(ADDRESS, 2, 1, heartbeat_timeout=seconds)
+    assert str(refused.value) == (f"heartbeat_timeout={seconds}: give whole seconds, at "
+                                  f"least 1 (default 20)")
+    assert runtime._watch is None
+
+
 def test_no_multi_process_option_starts_nothing():
     assert runtime.check_distributed_options(None, None, None) is False
     assert runtime.start_distributed(None, None, None) is False

@@ -91,9 +91,10 @@ def test_the_keras_recipe_trains_bit_for_bit_as_before_the_recipes(tmp_path):
         f"{archive.stderr.decode()[-500:]}")
     with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
         tar.extractall(tmp_path, filter="data")
-    before = golden_run(tmp_path, tmp_path / "cache")
+    cache = Path(os.environ["VIT_FLAX_CACHE"])  # The session's (conftest).
+    before = golden_run(tmp_path, cache)
     assert before["history"][0][0] != before["history"][1][0]  # It trained.
-    assert golden_run(ROOT, tmp_path / "cache") == before
+    assert golden_run(ROOT, cache) == before
     assert vit_flax.ViTConfig.recipe("keras") == vit_flax.ViTConfig()  # train.py's default.
 
 
@@ -230,8 +231,7 @@ def test_train_py_strong_recipe_records_the_resolved_config(tmp_path, image_fold
         [sys.executable, "train.py", "--recipe", "strong", *TINY_FLAGS, "--dataset", "folder",
          "--data-dir", str(image_folder), "--epochs", "1", "--mixup-alpha", "0.8",
          "--cutmix-alpha", "1.0", "--randaugment-ops", "2", "--random-erasing", "0.25",
-         "--stochastic-depth", "0.1", "--workdir", str(tmp_path / "run"),
-         "--compilation-cache", "none"],
+         "--stochastic-depth", "0.1", "--workdir", str(tmp_path / "run")],
         cwd=ROOT,
         capture_output=True, text=True, timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert completed.returncode == 0, completed.stderr[-3000:]

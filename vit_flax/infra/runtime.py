@@ -100,6 +100,9 @@ def start_distributed(coordinator_address: str | None, num_processes: int | None
     global _watch
     if not check_distributed_options(coordinator_address, num_processes, process_id):
         return False
+    if type(heartbeat_timeout) is not int or heartbeat_timeout < 1:
+        raise ConfigError(f"heartbeat_timeout={heartbeat_timeout}: give whole seconds, at "
+                          f"least 1 (default {HEARTBEAT_TIMEOUT_SECONDS})")
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     recoverable = True
     try:

@@ -596,10 +596,11 @@ def _write_run_files(fit: Fit, models, train_set, described: dict) -> None:
 def _finish(fit: Fit, splits: data_lib.Splits, log) -> list[dict]:
     """Restore each member's best weights (as the seed's model.load_weights), evaluate them
     on the test split, plot; the results of each member."""
-    tests = _evaluate_best(fit, splits.test)
+    bests = _best_models(fit, splits.test)
+    tests = _evaluate_best(fit, bests, splits.test)
     versions = reporting.versions()
     all_results = []
-    for member, test in zip(fit.members, tests, strict=True):
+    for member, test, best in zip(fit.members, tests, bests, strict=True):
         results = {f"test_{name}": None if test is None else test[name]
                    for name in steps.METRIC_NAMES}
         if test is not None:
@@ -614,33 +615,37 @@ def _finish(fit: Fit, splits: data_lib.Splits, log) -> list[dict]:
                        test_examples=0 if splits.test is None else len(splits.test),
                        config=json.loads(member.config.to_json()), devices=fit.mesh.size,
                        versions=versions)
-        _plot_results(member, splits.test)
+        if parallel.is_main_process():
+            _plot_results(member, best, splits.test)
         all_results.append(results)
     return all_results
 
 
-def _plot_results(member: Member, test_set) -> None:
-    """loss.png, top-5-accuracy.png and the best model's attention.png (process 0 draws;
-    every process restores, as orbax's restore waits for all of them)."""
-    main = parallel.is_main_process()
-    if main:
-        reporting.plot_history(member.progress.history, member.directory)
-    if member.progress.best_epoch and test_set is not None and len(test_set):
-        best = restore_model(member.directory / layout.BEST_CHECKPOINT, member.config)
-        if main:
-            reporting.plot_attention(best, np.asarray(test_set.images[:ATTENTION_IMAGES]),
-                                     member.directory / "attention.png")
-
-
-def _evaluate_best(fit: Fit, test_set) -> list[dict | None]:
-    """Each member's best checkpoint on the test split (a group's in one vmapped
-    evaluation); None for a member without a checkpoint or without a test split."""
-    has = [m.progress.best_epoch > 0 for m in fit.members]
-    if test_set is None or not len(test_set) or not any(has):
+def _best_models(fit: Fit, test_set) -> list[Model | None]:
+    """Each member's best model, restored once for its test metrics and its attention.png
+    (every process restores: orbax's restore waits for all of them); None for a member
+    without a checkpoint, and for all without a test split to evaluate and draw on."""
+    if test_set is None or not len(test_set):
         return [None] * len(fit.members)
-    params = [steps.split_model(restore_model(m.directory / layout.BEST_CHECKPOINT,
-                                              m.config))[1] if ok else None
-              for m, ok in zip(fit.members, has, strict=True)]
+    return [restore_model(m.directory / layout.BEST_CHECKPOINT, m.config)
+            if m.progress.best_epoch else None for m in fit.members]
+
+
+def _plot_results(member: Member, best: Model | None, test_set) -> None:
+    """loss.png, top-5-accuracy.png and the best model's attention.png."""
+    reporting.plot_history(member.progress.history, member.directory)
+    if best is not None:
+        reporting.plot_attention(best, np.asarray(test_set.images[:ATTENTION_IMAGES]),
+                                 member.directory / "attention.png")
+
+
+def _evaluate_best(fit: Fit, bests: list[Model | None], test_set) -> list[dict | None]:
+    """Each member's best model on the test split (a group's in one vmapped evaluation);
+    None for a member without one."""
+    has = [best is not None for best in bests]
+    if not any(has):
+        return [None] * len(fit.members)
+    params = [steps.split_model(best)[1] if best is not None else None for best in bests]
     stand_in = next(p for p in params if p is not None)  # Evaluated, then ignored.
     params = [stand_in if p is None else p for p in params]
     params = group.stack(params) if fit.stacked else params[0]

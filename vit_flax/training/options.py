@@ -63,6 +63,9 @@ class Processes:
     coordinator_address: str | None = None  # HOST:PORT of process 0.
     num_processes: int | None = None
     process_id: int | None = None
+    # Seconds without a peer's heartbeat before every process ends with one line: how long
+    # a dead or hung peer goes unnoticed (runtime.start_distributed).
+    heartbeat_timeout: int = 20
 
 
 def split_fields(fields: dict, *classes) -> list:

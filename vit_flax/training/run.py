@@ -45,7 +45,8 @@ def run(config: ViTConfig | Sequence[ViTConfig], data: DataSpec | None = None,
     check_workdir_outside_data(workdir, data)
     # Checks the three (one alone is an error) and starts nothing when none is given.
     runtime.start_distributed(processes.coordinator_address, processes.num_processes,
-                              processes.process_id)
+                              processes.process_id,
+                              heartbeat_timeout=processes.heartbeat_timeout)
     _process_settings(unroll_threefry, compilation_cache)
     ensure_directory(workdir)  # Fail on an unusable workdir before the data is read.
     # Folders and TFDS data sets open lazily: their images are decoded when a feed reads
