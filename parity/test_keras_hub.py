@@ -158,13 +158,16 @@ import numpy as np
 from vit_flax.inference import analysis as research
 from vit_flax.weights.keras_hub import load_pretrained
 
+import jax
 from flax import nnx
 
 expected = np.load(sys.argv[2])
 model, config = load_pretrained(sys.argv[1])
+graphdef, state = nnx.split(model)
 # One compiled program (op by op, the 12 blocks were ~300 small ones, each compiled).
-both = nnx.jit(lambda model, x: (model(x), research.features(model, x)))
-outputs = dict(zip(("outputs", "features"), both(model, expected["images"]), strict=True))
+both = jax.jit(lambda state, x: (nnx.merge(graphdef, state)(x),
+                                 research.features(nnx.merge(graphdef, state), x)))
+outputs = dict(zip(("outputs", "features"), both(state, expected["images"]), strict=True))
 print(json.dumps({"scale": config.scale, "offset": config.offset, **{
     k: float(np.max(np.abs(np.asarray(v) - expected[k]))) for k, v in outputs.items()}}))
 """

@@ -9,6 +9,7 @@ per block), so that the attention in model.py needs no hook to hand them out.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -98,11 +99,14 @@ def attention_heatmaps(model: ViT | StandardViT | ViTHub, images) -> jax.Array:
     patches only (the class token's own share is left out). One compiled program (run op by
     op, the model's forward pass was ~60 small programs: ~1 s at the end of every run, ~3 s
     when none of them was compiled before)."""
-    return _heatmaps(model, jnp.asarray(images))
+    return _heatmaps(*nnx.split(model), jnp.asarray(images))
 
 
-@nnx.jit
-def _heatmaps(model: ViT | StandardViT | ViTHub, images: jax.Array) -> jax.Array:
+# jax.jit over the split model, not nnx.jit: flax 0.12.1 (the lowest version pyproject.toml
+# admits) passes jax.jit an argument that jax 0.9.1 does not take.
+@functools.partial(jax.jit, static_argnums=0)
+def _heatmaps(graphdef: nnx.GraphDef, state: nnx.State, images: jax.Array) -> jax.Array:
+    model = nnx.merge(graphdef, state)
     rollout = attention_maps(model, images).rollout
     rows, columns = patch_grid(model)
     prefix = rollout.shape[-1] - rows * columns  # The class token, if any.
