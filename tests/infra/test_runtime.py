@@ -113,6 +113,10 @@ def test_a_heartbeat_timeout_that_is_not_whole_positive_seconds_is_refused(secon
     assert str(refused.value) == (f"heartbeat_timeout={seconds}: give whole seconds, at "
                                   f"least 1 (default 20)")
     assert runtime._watch is None
+    # One default: run()'s (and so train.py's, tests/test_cli.py) is start_distributed's.
+    from vit_flax.training.options import Processes
+
+    assert Processes().heartbeat_timeout == runtime.HEARTBEAT_TIMEOUT_SECONDS == 20
 
 
 def test_no_multi_process_option_starts_nothing():

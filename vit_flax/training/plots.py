@@ -14,16 +14,17 @@ from pathlib import Path
 import numpy as np
 
 
-def Figure(*args, **kwargs):  # noqa: N802 (matplotlib's class, imported when first drawn)
-    from matplotlib.figure import Figure as MatplotlibFigure
+def new_figure(**options):
+    """A matplotlib Figure with its own canvas (matplotlib imported on first use)."""
+    from matplotlib.figure import Figure
 
-    return MatplotlibFigure(*args, **kwargs)
+    return Figure(**options)
 
 
 def plot_history(history: list[dict], item: str, path: Path) -> None:
     """The seed's plot_history(item): item and val_item over the epochs."""
     epochs = [row["epoch"] for row in history]
-    figure = Figure()
+    figure = new_figure()
     axes = figure.subplots()
     axes.plot(epochs, [row[item] for row in history], label=item)
     axes.plot(epochs, [row["val_" + item] for row in history], label="val_" + item)
@@ -38,7 +39,7 @@ def plot_history(history: list[dict], item: str, path: Path) -> None:
 def plot_patches(image: np.ndarray, patches: np.ndarray, patch_size: int, path: Path) -> None:
     """One resized image (left) and its patches laid out on the grid they came from (right)."""
     n = int(np.sqrt(len(patches)))
-    figure = Figure(figsize=(8, 4))
+    figure = new_figure(figsize=(8, 4))
     figure.add_subplot(1, 2, 1).imshow(np.clip(image, 0, 255).astype(np.uint8))
     figure.axes[0].axis("off")
     grid = figure.add_gridspec(n, n, left=0.52, right=0.98, wspace=0.1, hspace=0.1)
@@ -52,7 +53,7 @@ def plot_patches(image: np.ndarray, patches: np.ndarray, patch_size: int, path: 
 def plot_attention(images: np.ndarray, heatmaps: np.ndarray, path: Path) -> None:
     """One column per image: the image (top) and its attention heatmap over it (bottom), the
     heatmap stretched from its patch grid to the image's extent."""
-    figure = Figure(figsize=(2 * len(images), 4.2))
+    figure = new_figure(figsize=(2 * len(images), 4.2))
     axes = figure.subplots(2, len(images), squeeze=False)
     for column, (image, heatmap) in enumerate(zip(images, heatmaps, strict=True)):
         height, width = image.shape[:2]
