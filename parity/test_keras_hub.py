@@ -164,10 +164,13 @@ from flax import nnx
 expected = np.load(sys.argv[2])
 model, config = load_pretrained(sys.argv[1])
 graphdef, state = nnx.split(model)
-# One compiled program (op by op, the 12 blocks were ~300 small ones, each compiled).
-both = jax.jit(lambda state, x: (nnx.merge(graphdef, state)(x),
-                                 research.features(nnx.merge(graphdef, state), x)))
-outputs = dict(zip(("outputs", "features"), both(state, expected["images"]), strict=True))
+
+@jax.jit  # One compiled program (op by op, the 12 blocks were ~300 small ones, each compiled).
+def outputs_and_features(state, x):
+    merged = nnx.merge(graphdef, state)
+    return {"outputs": merged(x), "features": research.features(merged, x)}
+
+outputs = outputs_and_features(state, expected["images"])
 print(json.dumps({"scale": config.scale, "offset": config.offset, **{
     k: float(np.max(np.abs(np.asarray(v) - expected[k]))) for k, v in outputs.items()}}))
 """

@@ -61,12 +61,11 @@ finally:
 
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory) -> dict:
-    """One image folder for the module's runs, and the session's compilation cache (conftest:
-    the kill test's programs are the parity test's, loaded instead of compiled again)."""
+    """One image folder for the module's runs (their compilation cache is the session's,
+    $VIT_FLAX_CACHE from conftest: the kill test loads the parity test's programs)."""
     root = tmp_path_factory.mktemp("multiprocess")
     return {"images": write_image_folder(root / "images", train_per_class=20,
-                                         test_per_class=4),
-            "cache": os.environ["VIT_FLAX_CACHE"]}
+                                         test_per_class=4)}
 
 
 def free_port() -> int:
@@ -84,7 +83,7 @@ def start(shared: dict, workdir: Path, devices: int, *extra: str, distributed=No
         port, process_id = distributed
         flags += ["--coordinator-address", f"localhost:{port}", "--num-processes", "2",
                   "--process-id", str(process_id)]
-    env = dict(os.environ, JAX_PLATFORMS="cpu", VIT_FLAX_CACHE=str(shared["cache"]),
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     return subprocess.Popen([sys.executable, "-c", FILES_LOGGED, str(workdir),
                              str(shared["images"]), str(REPO / "train.py"), *flags], cwd=REPO,
