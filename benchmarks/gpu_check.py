@@ -47,11 +47,11 @@ FULL = {"batch_size": 256, "steps": 5, "per_class": (None, 500), "parity": ["par
         "cache_check": ("float32", "bfloat16"),
         "limits": {"float32": 150, "bfloat16": 100, "epoch": 140, "parity": 180}}
 # The full epoch compiles with no cache (its compile time is measured); the reduced one
-# keeps JAX's rolled threefry on the CPU (the same bits, compiled in half the time; on a GPU
+# keeps JAX's rolled threefry on the CPU (the same random bits, compiled in half the time; on a GPU
 # the flag changes nothing, JAX unrolls there itself) and the default compilation cache
 # ($VIT_FLAX_CACHE: in the tests, the session's, where the tiny model's programs are).
 REDUCED = {"batch_size": 8, "steps": 2, "per_class": (20, 4),
-           "parity": ["parity/test_layers.py"],
+           "parity": ["parity/test_model.py"],  # The seed model against Keras: 2 tests.
            "config": json.dumps({**TINY, "num_classes": 10}),
            "epoch_flags": ["--no-unroll-threefry"],
            # One dtype's: the check is the same code for both (a process fewer, ~8 s).

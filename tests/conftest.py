@@ -21,26 +21,48 @@ from vit_flax.weights.keras_hub import BACKBONE_FIELDS, variable_at, weight_tabl
 # 8x8 inputs resized to 12x12, 3x3 = 9 patches of 4x4, one block of width 8.
 TINY = dict(num_classes=3, input_size=8, image_size=12, patch_size=4, projection_dim=8,
             num_heads=2, transformer_layers=1, mlp_head_units=(16, 8), batch_size=8)
-# The same as train.py flags, with JAX's own (rolled) lowering of threefry: the same bits
-# as train.py's default unrolled one (tests/infra/test_runtime.py checks the hash's known
-# answers, tests/training/test_recipe.py a whole run trained with it, bit for bit), and a
-# tiny run's programs compile in ~13 s instead of ~20 s (measured on this 2-core machine).
+# The same as train.py flags, with JAX's own (rolled) lowering of threefry: the same random
+# bits as train.py's default unrolled one (tests/infra/test_runtime.py checks the hash's
+# known answers; tests/training/test_recipe.py trains a whole run unrolled, bit for bit
+# against an older commit), and a tiny run's programs compile in ~13 s instead of ~20 s
+# (measured on this 2-core machine). Trained floats can differ from the unrolled run's in
+# the last bit (the programs fuse differently): no test compares a rolled with an unrolled run.
 TINY_FLAGS = ["--input-size", "8", "--image-size", "12", "--patch-size", "4",
               "--projection-dim", "8", "--num-heads", "2", "--transformer-layers", "1",
               "--mlp-head-units", "16,8", "--batch-size", "8", "--no-unroll-threefry"]
 
 
 SHARED_CACHE = "VIT_FLAX_TEST_CACHE"  # The session's compilation cache, for every worker.
+# XLA's LLVM back end without its optimisations (-O0) in every process of the session: most
+# of the suite's time is XLA compiling small programs, and a tiny train step compiles in
+# ~3.0 s instead of ~4.9 s (2-core CPU; the whole suite: 1,272 -> 1,127 worker-seconds).
+# XLA's own passes (fusion, layout, scheduling: what the programs compute, and in which
+# order) are the same; the machine code is slower, and its float32 results can differ from
+# -O3's in the last bit, so every comparison within the suite runs both sides under these
+# flags. The golden runs (tests/training/test_recipe.py) compile as train.py does.
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+
+
+def xla_flags(devices: int | None = None) -> str:
+    """XLA_FLAGS for a test's subprocess: the session's, with `devices` CPU devices (None:
+    one)."""
+    count = [f"--xla_force_host_platform_device_count={devices}"] if devices else []
+    return " ".join([TEST_XLA_FLAGS, *count])
 
 
 def pytest_configure(config):
     """One JAX compilation cache for the whole test session, made by the controlling
     process before pytest-xdist starts its workers (they inherit the variable): the tests
     compile the same tiny programs again and again (a train step per trained run), and
-    from the second time on each worker loads them instead. Never the user's ~/.cache."""
+    from the second time on each worker loads them instead. Never the user's ~/.cache.
+    The session's XLA flags, likewise inherited (JAX reads them when its first device is
+    made, which no import does)."""
     if SHARED_CACHE not in os.environ:
         os.environ[SHARED_CACHE] = tempfile.mkdtemp(prefix="vit_flax-test-jax-cache-")
         config.vit_flax_cache_owner = True
+    given = os.environ.get("XLA_FLAGS", "")
+    if TEST_XLA_FLAGS not in given:
+        os.environ["XLA_FLAGS"] = f"{given} {TEST_XLA_FLAGS}".strip()
 
 
 # The test files that take longest (seconds measured on 2 busy cores, --durations), longest

@@ -19,7 +19,7 @@ import jax
 import matplotlib.figure
 import numpy as np
 import pytest
-from conftest import TINY, TINY_FLAGS, random_images, write_image_folder
+from conftest import TINY, TINY_FLAGS, random_images, write_image_folder, xla_flags
 
 import vit_flax
 import vit_flax.data.sources
@@ -51,7 +51,7 @@ def no_network(monkeypatch):
 
 def run_train_py(*args: str) -> subprocess.CompletedProcess:
     # One CPU device, whatever this machine has: the run's facts (devices == 1) are fixed.
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"}
+    env = dict(os.environ, XLA_FLAGS=xla_flags(), JAX_PLATFORMS="cpu")
     return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import write_image_folder
+from conftest import write_image_folder, xla_flags
 
 from vit_flax.data import sources, stream
 
@@ -60,7 +60,7 @@ def test_two_processes_each_decode_only_their_share(tmp_path):
         probe.bind(("localhost", 0))
         port = probe.getsockname()[1]
     env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=2")
+               XLA_FLAGS=xla_flags(2))
     processes = [subprocess.Popen([sys.executable, "-c", PROCESS, str(port), str(pid),
                                    str(folder)], cwd=REPO, env=env, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True) for pid in (0, 1)]

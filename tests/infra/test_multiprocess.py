@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TINY_FLAGS, write_image_folder
+from conftest import TINY_FLAGS, write_image_folder, xla_flags
 from test_parallel import assert_same_weights
 
 import vit_flax
@@ -84,7 +84,7 @@ def start(shared: dict, workdir: Path, devices: int, *extra: str, distributed=No
         flags += ["--coordinator-address", f"localhost:{port}", "--num-processes", "2",
                   "--process-id", str(process_id)]
     env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+               XLA_FLAGS=xla_flags(devices))
     return subprocess.Popen([sys.executable, "-c", FILES_LOGGED, str(workdir),
                              str(shared["images"]), str(REPO / "train.py"), *flags], cwd=REPO,
                             env=env,

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TINY, random_images
+from conftest import TINY, random_images, xla_flags
 from flax import nnx
 
 import vit_flax
@@ -62,7 +62,7 @@ def device_counts(tmp_path_factory) -> tuple[Path, dict]:
     """DEVICE_COUNTS' workdirs and printed report; micro-batches of 4 in batches of 8: each
     of the 4 devices gets one row of each."""
     root = tmp_path_factory.mktemp("device_counts")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+    env = dict(os.environ, XLA_FLAGS=xla_flags(4),
                JAX_PLATFORMS="cpu")
     completed = subprocess.run([sys.executable, "-c", DEVICE_COUNTS,
                                 json.dumps(dict(TINY, microbatch_size=4)), str(root),

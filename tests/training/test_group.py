@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import optax
 import pytest
-from conftest import TINY, random_images
+from conftest import TINY, random_images, xla_flags
 
 import vit_flax
 from vit_flax.data import sources as data
@@ -213,7 +213,7 @@ TWO_DEVICES = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_two_devices_train_the_group_like_one(grouped, tmp_path):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+    env = dict(os.environ, XLA_FLAGS=xla_flags(2),
                JAX_PLATFORMS="cpu")
     completed = subprocess.run(
         [sys.executable, "-c", TWO_DEVICES, str(Path(__file__).parent), str(tmp_path)],

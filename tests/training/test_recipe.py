@@ -70,12 +70,13 @@ def golden_run(package_root: Path, cache: Path) -> dict:
     compilation `cache`: where the two versions lower to the same programs, the second loads
     them (the same programs give the same bits; the test compares the numbers either way)."""
     tiny = {k: v for k, v in TINY.items() if k != "mlp_head_units"} | {"mlp_head_units": [16, 8]}
-    # cwd and PYTHONPATH first on sys.path: this vit_flax, not the installed one.
+    # cwd and PYTHONPATH first on sys.path: this vit_flax, not the installed one. No
+    # XLA_FLAGS: compiled as train.py compiles (-O3), not as the rest of the suite (-O0).
     completed = subprocess.run(
         [sys.executable, "-c", GOLDEN_RUN, json.dumps(tiny),
          str(ROOT / "vit_flax/infra/runtime.py")],
         capture_output=True, text=True, timeout=600, cwd=package_root,
-        env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(package_root),
+        env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(package_root), XLA_FLAGS="",
                  JAX_COMPILATION_CACHE_DIR=str(cache),
                  JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0"))
     assert completed.returncode == 0, completed.stderr[-3000:]

@@ -26,10 +26,12 @@ def unroll_threefry_on_cpu() -> bool:
     On CPU JAX lowers threefry as a 5-iteration loop (smaller programs), which XLA cannot
     fuse: every iteration copies the whole state of every draw. The seed's train step draws
     ~230M dropout bits; measured on a 2-core CPU, 170M Bernoulli draws take 2.2 s rolled and
-    0.6 s unrolled. The bits are the same (the same function, written out), so results do not
-    change. This replaces a JAX-internal lowering rule for the whole process (programs
-    compiled afterwards use it): where this JAX version has none under the names known
-    (jax 0.9 to 0.10 tested), nothing changes and False is returned.
+    0.6 s unrolled. The random bits are the same (the same function, written out); the
+    programs around them fuse differently, so a trained run's float32 results can differ in
+    their last bits (measured, a tiny 3-epoch run: epoch losses 9e-8 relative apart). This
+    replaces a JAX-internal lowering rule for the whole process (programs compiled afterwards
+    use it): where this JAX version has none under the names known (jax 0.9 to 0.10 tested),
+    nothing changes and False is returned.
     """
     try:
         from jax._src.interpreters import mlir

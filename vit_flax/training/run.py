@@ -30,8 +30,8 @@ def run(config: ViTConfig | Sequence[ViTConfig], data: DataSpec | None = None,
     With `processes.coordinator_address` (several processes or hosts), JAX's distributed
     runtime is started first and the devices of every process form one data-parallel mesh.
     With `unroll_threefry` (the default), JAX's CPU lowering of its random hash is replaced
-    for this process by the unrolled one (runtime.unroll_threefry_on_cpu: same bits,
-    faster). Compiled programs are cached in `compilation_cache` (default:
+    for this process by the unrolled one (runtime.unroll_threefry_on_cpu: the same random
+    bits, faster steps). Compiled programs are cached in `compilation_cache` (default:
     runtime.default_compilation_cache(); None: no cache). A list of configs (differing only
     in seed, learning_rate and weight_decay; see group.sweep) trains as one group
     (train_group) and returns its summary. Options are checked before any data is read.
