@@ -69,21 +69,21 @@ def pytest_configure(config):
 # first: pytest-xdist hands them out before the rest, so that no long file starts last and
 # leaves one worker running alone at the end (longest processing time first). Without this,
 # --dist loadfile hands out the files with the most tests first, whatever their time.
-LONGEST_FIRST = (  # Worker-seconds per file, 2026-12-06, -n 2 on the idle machine.
-    "tests/training/test_resume.py",  # 143
-    "tests/infra/test_multiprocess.py",  # 118
-    "tests/test_gpu_check.py",  # 106
-    "tests/training/test_loop.py",  # 100
-    "tests/infra/test_parallel.py",  # 92
-    "tests/training/test_recipe.py",  # 83
-    "parity/test_keras_hub.py",  # 75
-    "tests/training/test_group.py",  # 75
-    "parity/test_training.py",  # 66
-    "tests/weights/test_finetune.py",  # 60
-    "tests/inference/test_export.py",  # 37
-    "tests/test_mutations.py",  # 35
-    "tests/models/test_hub_vit.py",  # 33
-    "tests/infra/test_checkpoints.py",  # 29
+LONGEST_FIRST = (  # Worker-seconds per file, 2026-12-06 (13c8030), -n 2 on the idle machine.
+    "tests/training/test_resume.py",  # 133
+    "tests/infra/test_multiprocess.py",  # 101
+    "tests/training/test_loop.py",  # 79
+    "tests/infra/test_parallel.py",  # 74
+    "tests/training/test_recipe.py",  # 74
+    "tests/test_gpu_check.py",  # 73
+    "parity/test_keras_hub.py",  # 61
+    "tests/training/test_group.py",  # 56
+    "parity/test_training.py",  # 50
+    "tests/weights/test_finetune.py",  # 34
+    "tests/inference/test_export.py",  # 24
+    "tests/infra/test_checkpoints.py",  # 21
+    "tests/test_mutations.py",  # 21
+    "tests/models/test_hub_vit.py",  # 20
 )
 
 
