@@ -35,7 +35,8 @@ TINY_FLAGS = ["--input-size", "8", "--image-size", "12", "--patch-size", "4",
 SHARED_CACHE = "VIT_FLAX_TEST_CACHE"  # The session's compilation cache, for every worker.
 # XLA's LLVM back end without its optimisations (-O0) in every process of the session: most
 # of the suite's time is XLA compiling small programs, and a tiny train step compiles in
-# ~3.0 s instead of ~4.9 s (2-core CPU; the whole suite: 1,272 -> 1,127 worker-seconds).
+# ~2.2-3.0 s instead of ~3.7-4.9 s (2-core CPU; the whole suite: 1,272 -> 1,030
+# worker-seconds; docs/testing.md).
 # XLA's own passes (fusion, layout, scheduling: what the programs compute, and in which
 # order) are the same; the machine code is slower, and its float32 results can differ from
 # -O3's in the last bit, so every comparison within the suite runs both sides under these
