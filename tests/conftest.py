@@ -39,7 +39,7 @@ SHARED_CACHE = "VIT_FLAX_TEST_CACHE"  # The session's compilation cache, for eve
 # worker-seconds; docs/testing.md).
 # XLA's own passes (fusion, layout, scheduling: what the programs compute, and in which
 # order) are the same; the machine code is slower, and its float32 results can differ from
-# -O3's in the last bit, so every comparison within the suite runs both sides under these
+# -O3's in the last bits, so every comparison within the suite runs both sides under these
 # flags. The golden runs (tests/training/test_recipe.py) compile as train.py does.
 TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
 
