@@ -45,8 +45,8 @@ TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
 
 
 def xla_flags(devices: int | None = None) -> str:
-    """XLA_FLAGS for a test's subprocess: the session's, with `devices` CPU devices (None:
-    one)."""
+    """XLA_FLAGS for a test's subprocess: TEST_XLA_FLAGS (any others the session was
+    started with are left out), with `devices` CPU devices (None: one)."""
     count = [f"--xla_force_host_platform_device_count={devices}"] if devices else []
     return " ".join([TEST_XLA_FLAGS, *count])
 
@@ -66,7 +66,7 @@ def pytest_configure(config):
         os.environ["XLA_FLAGS"] = f"{given} {TEST_XLA_FLAGS}".strip()
 
 
-# The test files that take longest (seconds measured on 2 busy cores, --durations), longest
+# The test files that take longest (worker-seconds measured with --durations), longest
 # first: pytest-xdist hands them out before the rest, so that no long file starts last and
 # leaves one worker running alone at the end (longest processing time first). Without this,
 # --dist loadfile hands out the files with the most tests first, whatever their time.

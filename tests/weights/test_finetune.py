@@ -200,7 +200,7 @@ def test_train_py_fine_tunes_a_standard_vit_from_a_preset_without_shape_flags(tm
                           tmp_path / "preset")
     images = write_image_folder(tmp_path / "images", ("bird", "ship"), size=16,
                                 train_per_class=6, test_per_class=3)
-    # --no-unroll-threefry as TINY_FLAGS (the same random bits; compiles ~2x faster).
+    # --no-unroll-threefry as TINY_FLAGS (the same random bits; the step compiles ~2x faster).
     assert cli.main(["--input-size", "16", "--batch-size", "8", "--epochs", "1",
                      "--no-unroll-threefry",
                      "--dataset", "folder", "--data-dir", str(images), "--init-from",
