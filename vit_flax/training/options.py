@@ -8,6 +8,7 @@ import dataclasses
 import os
 
 from vit_flax.config import ConfigError
+from vit_flax.infra.runtime import HEARTBEAT_TIMEOUT_SECONDS
 
 DATA_IN = ("auto", "memory", "stream")
 
@@ -65,7 +66,7 @@ class Processes:
     process_id: int | None = None
     # Seconds without a peer's heartbeat before every process ends with one line: how long
     # a dead or hung peer goes unnoticed (runtime.start_distributed).
-    heartbeat_timeout: int = 20
+    heartbeat_timeout: int = HEARTBEAT_TIMEOUT_SECONDS
 
 
 def split_fields(fields: dict, *classes) -> list:
