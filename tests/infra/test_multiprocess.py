@@ -297,6 +297,33 @@ def test_losing_process_0_ends_the_others_with_one_line():
             os.kill(pid, signal.SIGKILL)
 
 
+# Process argv[2] of 2 ends its script without distributed_run (as a user's own script
+# may); process 0 then spends 3 s in an exit handler that runs before JAX's shutdown (as
+# JAX's own shutdown may take, on a loaded machine), by which time process 1 has gone.
+ENDED_WITHOUT_LEAVING = """
+import atexit, sys, time
+import jax
+from jax.experimental import multihost_utils
+from vit_flax.infra import runtime
+index = int(sys.argv[2])
+if index == 0:
+    atexit.register(time.sleep, 3)  # Before start_distributed: runs after its handler.
+runtime.start_distributed(sys.argv[1], 2, index)
+multihost_utils.sync_global_devices("both up")
+print("done", flush=True)
+"""
+
+
+def test_a_process_whose_peer_ends_first_at_exit_ends_cleanly():
+    port = free_port()
+    pair = [python(ENDED_WITHOUT_LEAVING, f"localhost:{port}", str(index)) for index in (0, 1)]
+    for process in pair:
+        stdout, stderr = process.communicate(timeout=120)
+        # (gloo may log to stdout before it.)
+        assert (process.returncode, "done" in stdout.splitlines()) == (0, True), stderr[-3000:]
+        assert "stopped (no heartbeat" not in stderr
+
+
 # Process 0 of 2 on argv[1], a port in use (a one-line error), then on argv[2], alone.
 ALONE = """
 import sys

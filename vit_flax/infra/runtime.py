@@ -4,6 +4,7 @@ point that trains (`vit_flax.run`, and so train.py) applies them, and each can b
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import importlib
 import json
@@ -130,6 +131,10 @@ def start_distributed(coordinator_address: str | None, num_processes: int | None
     if service is not None:
         service.tell("started")
     _watch = _PeerWatch(jax.process_count(), heartbeat_timeout)
+    # Registered after JAX's own exit handler, so run before it: once this process ends
+    # (its script done, without distributed_run), the peers that end first, or its own
+    # disconnection in JAX's shutdown, are no verdict (they were: exit status 1).
+    atexit.register(_watch.exiting.set)
     threading.Thread(target=_watch.run, name="vit_flax-peers", daemon=True).start()
     return True
 
@@ -291,7 +296,8 @@ class _PeerWatch:
     """Asks JAX's coordination service every second which processes it still hears from."""
 
     def __init__(self, count: int, heartbeat_timeout: int = HEARTBEAT_TIMEOUT_SECONDS):
-        self.count, self.stopped = count, threading.Event()
+        self.count, self.stopped = count, threading.Event()  # Set when the run ended in order.
+        self.exiting = threading.Event()  # Set when this process's interpreter exits.
         self.heartbeat_timeout = heartbeat_timeout
         self.ending = threading.Lock()  # Held by the thread that says a peer died, and exits.
         self.settings_round = 0  # check_started_alike's calls so far: each its own keys.
@@ -314,7 +320,7 @@ class _PeerWatch:
         # find the death at once: one of them says it, in one write, and ends the process
         # (seen without the lock: the two lines run together into one).
         dead = self.dead()
-        if dead and not self.stopped.is_set():
+        if dead and not (self.stopped.is_set() or self.exiting.is_set()):
             with self.ending:
                 sys.stderr.write(
                     f"error: process {', '.join(map(str, dead))} of this {self.count}-process "
