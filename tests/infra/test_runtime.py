@@ -164,3 +164,17 @@ def test_a_dead_peer_seen_by_several_threads_is_said_once():
     assert completed.stderr == (
         "error: process 1 of this 2-process run stopped (no heartbeat for 7 s), so this one "
         "stops too; start every process again to resume\n")
+
+
+
+def test_the_verdict_names_the_dead_peers_or_this_process_when_it_went_unheard():
+    watch = runtime._PeerWatch(3, heartbeat_timeout=7)
+    assert watch.verdict([1, 2], 0) == (
+        "error: process 1, 2 of this 3-process run stopped (no heartbeat for 7 s), so this "
+        "one stops too; start every process again to resume")
+    # Measured: a process SIGSTOPped past the timeout, then continued, finds itself among
+    # the dead (and its peers, who judged it so and stopped).
+    assert watch.verdict([0, 1, 2], 1) == (
+        "error: process 1 (this one) of this 3-process run was not heard from for 7 s (no "
+        "heartbeat: paused or starved?), so the run stopped; start every process again to "
+        "resume")

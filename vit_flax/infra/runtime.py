@@ -322,12 +322,21 @@ class _PeerWatch:
         dead = self.dead()
         if dead and not (self.stopped.is_set() or self.exiting.is_set()):
             with self.ending:
-                sys.stderr.write(
-                    f"error: process {', '.join(map(str, dead))} of this {self.count}-process "
-                    f"run stopped (no heartbeat for {self.heartbeat_timeout} s), so this one "
-                    f"stops too; start every process again to resume\n")
+                sys.stderr.write(self.verdict(dead, jax.process_index()) + "\n")
                 sys.stderr.flush()
                 os._exit(1)
+
+    def verdict(self, dead: list[int], me: int) -> str:
+        """The line that ends this process (`me`) when the service no longer hears from
+        `dead`. It includes `me` where this process was not heard from (paused or starved
+        past the timeout): then the others judged it dead and stopped."""
+        if me in dead:
+            return (f"error: process {me} (this one) of this {self.count}-process run was not "
+                    f"heard from for {self.heartbeat_timeout} s (no heartbeat: paused or "
+                    f"starved?), so the run stopped; start every process again to resume")
+        return (f"error: process {', '.join(map(str, dead))} of this {self.count}-process run "
+                f"stopped (no heartbeat for {self.heartbeat_timeout} s), so this one stops "
+                f"too; start every process again to resume")
 
     def wait_for_verdict(self) -> None:
         """Up to the heartbeat timeout (+5 s): ends the process if a peer is found dead."""
