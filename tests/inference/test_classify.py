@@ -16,6 +16,7 @@ from PIL import Image
 
 import vit_flax
 from vit_flax.data.sources import read_image
+from vit_flax.inference import classify
 from vit_flax.models.hub_vit import ViTHub, ViTHubConfig
 
 # The module: `from vit_flax.inference import classify` is its function of that name.
@@ -87,6 +88,20 @@ def test_unreadable_inputs_give_one_line_errors_and_the_others_are_classified(mo
     assert predictions[1].top == predictions[5].top  # Batches of 2 across the failures.
     assert [c for c, _ in predictions[1].top][:1] == [classify_lib.classify(
         model, read_image(good, 8)[None], CLASSES, top_k=1)[0].top[0][0]]
+
+
+def test_folders_are_searched_as_training_reads_them_and_each_file_found_once(tmp_path):
+    for name in ("photos/a.png", "photos/.ipynb_checkpoints/a.png", "photos/__MACOSX/b.png",
+                 "photos/trip/c.jpg", "photos/notes.txt", "elsewhere/d.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).touch()
+    (tmp_path / "photos/linked").symlink_to(tmp_path / "elsewhere")  # Followed, as training.
+    (tmp_path / "photos/trip/up").symlink_to(tmp_path / "photos")  # A loop: nothing new.
+    photos = str(tmp_path / "photos")
+    assert classify.find_images(photos) == [(f"{photos}/{name}", None)
+                                            for name in ("a.png", "linked/d.png", "trip/c.jpg")]
+    # A glob's ** follows the loop a few levels: each file is kept once, under its first name.
+    assert classify.find_images(f"{photos}/trip/**/*.jpg") == [(f"{photos}/trip/c.jpg", None)]
 
 
 def test_class_names_from_data_json_else_results_json_else_indices(tmp_path):

@@ -5,8 +5,10 @@ once per format (module fixture)."""
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +20,9 @@ from conftest import TINY, write_preset
 from flax import nnx
 
 import vit_flax
+from vit_flax.config import ConfigError
 from vit_flax.inference import export as export_lib
+from vit_flax.infra import workdir as layout
 from vit_flax.models.hub_vit import ViTHub, ViTHubConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -151,6 +155,33 @@ def test_cli_errors_are_one_line_with_exit_2(tmp_path, capsys):
     assert error.startswith("error: argument --format: invalid choice: 'tflite' (choose from ")
     assert "stablehlo" in error and error.endswith(") (see --help)\n")
     assert error.count("\n") == 1
+
+
+def test_a_failed_export_keeps_the_file_it_would_replace(tmp_path, monkeypatch):
+    model = vit_flax.create_model(vit_flax.ViTConfig(**TINY))
+    path = tmp_path / "m.stablehlo"
+    path.write_bytes(b"the last good export")
+
+    class FillsUp:  # A disk that fills up halfway through the write.
+        def __init__(self, handle):
+            self.handle = handle
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+        def write(self, data):
+            self.handle.write(data[:len(data) // 2])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(layout, "open", lambda *args: FillsUp(open(*args)), raising=False)
+    with pytest.raises(ConfigError) as raised:
+        export_lib.export_stablehlo(model, path, platforms=None)
+    assert str(raised.value) == f"cannot write {path} (No space left on device)"
+    assert path.read_bytes() == b"the last good export"
+    assert list(tmp_path.iterdir()) == [path]  # No temporary left either.
 
 
 def test_cli_help_names_each_flag_default_and_choices(capsys):

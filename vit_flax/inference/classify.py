@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from vit_flax.data.sources import DataError, image_suffixes, read_image
+from vit_flax.data.sources import TOOL_FOLDERS, DataError, image_suffixes, read_image
 from vit_flax.inference.predict import load, predict
 from vit_flax.infra.workdir import RESULTS_FILE
 
@@ -49,17 +49,46 @@ def find_images(patterns) -> list[tuple[str, str | None]]:
         pattern = os.fspath(pattern)
         path = Path(pattern).expanduser()
         if path.is_dir():
-            files = sorted(str(p) for p in path.rglob("*") if _is_image(p))
+            files = _folder_images(path)
             found += [(f, None) for f in files] or [
                 (pattern, f"{pattern}: a folder with no image files (expected .png, .jpg, ... "
                           f"any format Pillow reads)")]
         elif glob.has_magic(pattern) and not path.exists():
-            files = sorted(f for f in glob.glob(os.path.expanduser(pattern), recursive=True)
-                           if _is_image(Path(f)))
+            files = _once_each(sorted(f for f in glob.glob(os.path.expanduser(pattern),
+                                                          recursive=True) if _is_image(Path(f))))
             found += [(f, None) for f in files] or [(pattern, f"{pattern}: matches no image file")]
         else:
             found.append((pattern, None))  # A file: read_image says why if it cannot be read.
     return found
+
+
+def _folder_images(folder: Path) -> list[str]:
+    """The image files under `folder`, sorted: as training reads a folder, its symlinked
+    subfolders are searched (each real folder once: a link to an enclosing folder adds
+    nothing), hidden and tool folders (.ipynb_checkpoints, __MACOSX) are not."""
+    files, seen = [], set()
+    for root, folders, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            folders.clear()
+            continue
+        seen.add(real)
+        folders[:] = [f for f in folders if not f.startswith(".") and f not in TOOL_FOLDERS]
+        files += [os.path.join(root, name) for name in names
+                  if _is_image(Path(root, name))]
+    return sorted(files)
+
+
+def _once_each(files: list[str]) -> list[str]:
+    """`files` without the repeats of one file under other names (a glob's ** through a
+    symlink to an enclosing folder finds it once per level)."""
+    seen, kept = set(), []
+    for file in files:
+        real = os.path.realpath(file)
+        if real not in seen:
+            seen.add(real)
+            kept.append(file)
+    return kept
 
 
 def _is_image(path: Path) -> bool:

@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from vit_flax.inference.predict import forward
+from vit_flax.infra.workdir import write_whole
 
 FORMATS = ("onnx", "stablehlo")
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
@@ -97,7 +98,7 @@ def export_onnx(model, path: str | os.PathLike, opset: int = 23) -> Path:
     _set_type(proto.graph.output[0], [BATCH, model.config.num_classes])
     onnx.checker.check_model(proto)
     path = Path(path)
-    path.write_bytes(proto.SerializeToString())
+    write_whole(path, proto.SerializeToString())  # A failed write keeps the old file.
     return path
 
 
@@ -132,7 +133,7 @@ def export_stablehlo(model, path: str | os.PathLike, platforms=PLATFORMS) -> Pat
     spec = jax.ShapeDtypeStruct((batch, *model.config.input_shape), jnp.float32)
     exported = jax.export.export(jax.jit(_inference_fn(model)), platforms=platforms)(spec)
     path = Path(path)
-    path.write_bytes(exported.serialize())
+    write_whole(path, exported.serialize())
     return path
 
 

@@ -181,13 +181,20 @@ def delete_run(path: Path) -> None:
 
 
 def write_json(path: Path, value) -> None:
-    """Written whole or not at all: readers never see a half-written file. Through a
-    temporary of a random name beside it (temporary_file), never a user's file."""
+    """`value` as indented JSON, written whole or not at all (write_whole)."""
+    write_whole(path, (json.dumps(value, indent=2) + "\n").encode())
+
+
+def write_whole(path: Path, data: bytes) -> None:
+    """Written whole or not at all: readers never see a half-written file, and a write that
+    fails (a full disk, a signal) leaves the file that was there. Through a temporary of a
+    random name beside it (temporary_file), never a user's file; a failure is a ConfigError
+    naming `path`."""
     partial = None
     try:
         partial, descriptor = temporary_file(path)
         with open(descriptor, "wb") as handle:
-            handle.write((json.dumps(value, indent=2) + "\n").encode())
+            handle.write(data)
         os.replace(partial, path)
     except BaseException as error:  # A signal's Interrupted too: no temporary left.
         if partial is not None:
