@@ -3,6 +3,7 @@ sees is checked (the one line, the epoch it goes back to, the error)."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import json
@@ -391,6 +392,20 @@ def test_vit_flax_load_refuses_a_corrupt_best_checkpoint(best, config):
     with pytest.raises(CheckpointError, match=re.escape(
             corrupt_message(best, f"checksum mismatch in {name}"))):
         vit_flax.load(best.parent)
+
+
+def test_a_best_model_of_another_configuration_is_one_line_and_no_log(best, config, caplog):
+    other = dataclasses.replace(config, num_classes=config.num_classes + 2)
+    with pytest.raises(CheckpointError) as raised:
+        checkpoints.restore_model(best, other)
+    # The head's bias or its kernel, whichever orbax's concurrent reads refuse first.
+    units, stored, given = config.mlp_head_units[-1], config.num_classes, other.num_classes
+    assert str(raised.value) in {
+        f"cannot restore the model in {best} (an array is stored with shape {shapes[0]} where "
+        f"this configuration has {shapes[1]}); was it saved with another configuration?"
+        for shapes in [((stored,), (given,)), ((units, stored), (units, given))]}
+    # Orbax's cancelled reads logged a traceback each through asyncio (thousands of lines).
+    assert [record for record in caplog.records if record.name == "asyncio"] == []
 
 
 def test_a_best_model_with_non_finite_weights_is_refused(tmp_path, config):

@@ -13,7 +13,6 @@ jax2onnx and onnxruntime are imported here, when an ONNX export is asked for, no
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from pathlib import Path
@@ -24,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from vit_flax.inference.predict import forward
+from vit_flax.infra.runtime import quiet_logger
 from vit_flax.infra.workdir import write_whole
 
 FORMATS = ("onnx", "stablehlo")
@@ -88,7 +88,9 @@ def export_onnx(model, path: str | os.PathLike, opset: int = 23) -> Path:
     import onnx
 
     height, width, channels = model.config.input_shape
-    with _quiet("onnx_ir"):
+    # onnx_ir warns once per untyped shape constant it leaves out ("value type ... is not
+    # known"), dozens of lines about the converter's internals, not the user's model.
+    with quiet_logger("onnx_ir", logging.ERROR):
         proto = jax2onnx.to_onnx(_inference_fn(_export_copy(model)),
                                  inputs=[(BATCH, height, width, channels)], opset=opset,
                                  input_names=[INPUT_NAME], output_names=[OUTPUT_NAME])
@@ -100,19 +102,6 @@ def export_onnx(model, path: str | os.PathLike, opset: int = 23) -> Path:
     path = Path(path)
     write_whole(path, proto.SerializeToString())  # A failed write keeps the old file.
     return path
-
-
-@contextlib.contextmanager
-def _quiet(name: str):
-    """onnx_ir warns once per untyped shape constant it leaves out ("value type ... is not
-    known"), dozens of lines about the converter's internals, not the user's model."""
-    logger = logging.getLogger(name)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def _set_type(value, shape) -> None:

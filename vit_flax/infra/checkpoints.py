@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -36,6 +37,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from vit_flax.config import ConfigError, ViTConfig
+from vit_flax.infra.runtime import quiet_logger
 from vit_flax.models import Model, abstract_model
 
 MANIFEST = "vit_flax-manifest.json"  # Written last, inside each checkpoint: its checksums.
@@ -254,11 +256,14 @@ def restore_model(directory: str | os.PathLike, config: ViTConfig) -> Model:
         lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=local),
         abstract_state)
     try:
-        with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as checkpointer:
+        # A failed restore's cancelled reads each log a traceback through asyncio (thousands
+        # of lines before the one that says why): the CheckpointError below says it.
+        with quiet_logger("asyncio", logging.CRITICAL), \
+                ocp.Checkpointer(ocp.StandardCheckpointHandler()) as checkpointer:
             state = checkpointer.restore(source, args=ocp.args.StandardRestore(abstract_state))
     except (OSError, ValueError) as error:
-        raise CheckpointError(f"cannot restore the model in {final} ({_reason(error)}); was "
-                              f"it saved with another configuration?") from None
+        raise CheckpointError(f"cannot restore the model in {final} ({_mismatch(error)}); "
+                              f"was it saved with another configuration?") from None
     bad = _non_finite(state)
     if bad:
         raise CheckpointError(f"best checkpoint {final} holds NaN or inf in {bad}")
@@ -390,6 +395,17 @@ def _non_finite(tree) -> str | None:
         if jnp.issubdtype(values.dtype, jnp.inexact) and not np.isfinite(values).all():
             return jax.tree_util.keystr(path, simple=True, separator="/")
     return None
+
+
+def _mismatch(error: BaseException) -> str:
+    """Why a restore failed: orbax's words for an array of another shape made plain (they
+    advise an option of its API, which does not apply here), else _reason."""
+    shapes = re.search(r"Requested shape: (\(.*?\)) is not compatible with the stored "
+                       r"shape: (\(.*?\))", str(error))
+    if shapes:
+        return (f"an array is stored with shape {shapes.group(2)} where this configuration "
+                f"has {shapes.group(1)}")
+    return _reason(error)
 
 
 def _reason(error: BaseException) -> str:

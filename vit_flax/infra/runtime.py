@@ -8,6 +8,7 @@ import atexit
 import contextlib
 import importlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -385,6 +386,18 @@ def distributed_run():
         _watch.wait_for_verdict()
         raise
     _watch.leave()
+
+
+@contextlib.contextmanager
+def quiet_logger(name: str, level: int):
+    """Within the block, the logger `name` drops records below `level` (its level after)."""
+    logger = logging.getLogger(name)
+    before = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)
 
 
 DEFAULT = "default"  # run(compilation_cache=DEFAULT): default_compilation_cache().
