@@ -9,6 +9,7 @@ that cannot be loaded or a bad flag.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 FORMATS = ("table", "json", "csv")
@@ -68,8 +69,18 @@ def main(argv=None) -> int:
             print(f"error: {p.error}", file=sys.stderr)
     text = classify.format_predictions(predictions, args.format)
     if text:
-        print(text)
+        write_out(text)
     return 1 if failed else 0
+
+
+def write_out(text: str) -> None:
+    """`text` on stdout; a reader that stopped early (`predict.py ... | head`) ends the
+    output, not the command with a traceback (the exit status stays the predictions')."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        # Python flushes stdout again at exit, which would fail again: point it at nothing.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -144,6 +146,19 @@ def test_cli_table_json_and_csv(seed_run, held_out_folder, capsys):
     header, row = capsys.readouterr().out.splitlines()
     assert header == "image,rank,class,probability,error"
     assert row.startswith(f"{files[0]},1,{entry['top'][0]['class']},")
+
+
+@pytest.mark.slow
+def test_cli_output_to_a_reader_that_stopped_ends_quietly(seed_run, held_out_folder,
+                                                          monkeypatch):
+    file = str(next((held_out_folder / "test" / "dog").iterdir()))
+    reader, writer = os.pipe()
+    os.close(reader)  # The reader stopped (`predict.py ... | head`): writing raises EPIPE.
+    with open(writer, "w") as stdout:
+        monkeypatch.setattr(sys, "stdout", stdout)
+        assert cli.main([str(seed_run), file]) == 0  # Not BrokenPipeError.
+        stdout.write("x" * 100_000)
+        stdout.flush()  # What Python does at exit: its stdout now writes to devnull.
 
 
 @pytest.mark.slow

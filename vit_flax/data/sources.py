@@ -13,6 +13,7 @@ import io
 import math
 import os
 import pickle
+import re
 import tarfile
 import urllib.request
 import warnings
@@ -331,9 +332,12 @@ def decode_image(source, size: int, name) -> np.ndarray:
         with Image.open(source) as image:
             return prepare_image(image, size)
     except Image.DecompressionBombError as error:
-        raise DataError(f"refusing image {name}: {error} Shrink it, or raise "
-                        f"PIL.Image.MAX_IMAGE_PIXELS (now {Image.MAX_IMAGE_PIXELS}) if you "
-                        f"trust it") from None
+        # Pillow's own words name its limit (twice MAX_IMAGE_PIXELS) beside ours: one limit.
+        pixels = re.search(r"\((\d+) pixels\)", str(error))
+        raise DataError(f"refusing image {name}: {pixels.group(1) if pixels else 'its'} "
+                        f"pixels, more than PIL.Image.MAX_IMAGE_PIXELS ({Image.MAX_IMAGE_PIXELS})"
+                        f" (a decompression bomb?); shrink it, or raise that limit in Python if "
+                        f"you trust it") from None
     except (UnidentifiedImageError, OSError, ValueError) as error:
         raise DataError(f"cannot read image {name}: {error}") from None
 
