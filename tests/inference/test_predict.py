@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import importlib
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import random_images
+from flax import nnx
 
 import vit_flax
 
@@ -35,6 +37,11 @@ def test_float_pixels_in_0_255_give_the_uint8_logits(model):
     floats = vit_flax.predict(model, images.astype(np.float32), batch_size=4)
     np.testing.assert_allclose(floats, expected, rtol=1e-6, atol=1e-6)
     assert floats.shape == (11, 3)
+    # All-black frames are the same on either scale: accepted (they were refused as [0, 1]).
+    black = np.zeros((2, 8, 8, 3), np.float32)
+    np.testing.assert_allclose(vit_flax.predict(model, black, batch_size=4),
+                               vit_flax.predict(model, black.astype(np.uint8), batch_size=4),
+                               rtol=1e-6, atol=1e-6)
 
 
 def test_unit_floats_for_a_model_adapted_on_unit_floats_are_accepted(tiny_config):
@@ -107,3 +114,27 @@ def test_a_batch_size_above_the_image_count_is_clamped(model, monkeypatch):
     logits = vit_flax.predict(model, images, batch_size=10**6)
     assert shapes == [(256, 8, 8, 3)]
     np.testing.assert_allclose(logits, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("analysis", ["features", "attention_heatmaps"])
+def test_features_and_heatmaps_check_their_images_as_predict(model, analysis):
+    analyse = getattr(vit_flax, analysis)
+    unit = random_images(2, 8) / np.float32(255)
+    nan = random_images(2, 8).astype(np.float32)
+    nan[0, 0, 0, 0] = np.nan
+    for images, expected in [
+            (unit, f"{analysis} got float images in [0, 1], but this model was adapted on "),
+            (nan, f"{analysis} got 1 non-finite pixel values (NaN or inf); pass finite pixels"),
+            (random_images(2, 8).astype(np.int32),
+             f"{analysis} expects uint8 or float images, got int32"),
+            (random_images(2, 16), f"{analysis} expects images of shape (N, 8, 8, 3), got "
+                                   f"(2, 16, 16, 3)")]:
+        with pytest.raises(ValueError) as error:
+            analyse(model, images)
+        assert str(error.value).startswith(expected)
+    # Inside a jit only the shape and dtype are known: checked, and the values are not.
+    images = random_images(2, 8).astype(np.float32)
+    graphdef, state = nnx.split(model)
+    jitted = jax.jit(lambda state, x: analyse(nnx.merge(graphdef, state), x))
+    np.testing.assert_allclose(jitted(state, images), analyse(model, images), rtol=1e-5,
+                               atol=1e-6)

@@ -14,8 +14,10 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
+from vit_flax.inference.predict import check_images
 from vit_flax.models.hub_vit import StandardViT, ViTHub
 from vit_flax.models.seed_vit import ViT, patches
 
@@ -37,7 +39,7 @@ def features(model: ViT | StandardViT | ViTHub, images) -> jax.Array:
     after the final LayerNorm, through "pre_logits" when it has one (also without a head).
     The seed's ViT: its head MLP's output.
     """
-    images = jnp.asarray(images)
+    images = _checked(model, images, "features")
     if isinstance(model, ViTHub):
         return model.pool(model.backbone(model.preprocess(images)))
     if isinstance(model, StandardViT):
@@ -99,7 +101,14 @@ def attention_heatmaps(model: ViT | StandardViT | ViTHub, images) -> jax.Array:
     patches only (the class token's own share is left out). One compiled program (run op by
     op, the model's forward pass was ~60 small programs: ~1 s at the end of every run, ~3 s
     when none of them was compiled before)."""
-    return _heatmaps(*nnx.split(model), jnp.asarray(images))
+    return _heatmaps(*nnx.split(model), _checked(model, images, "attention_heatmaps"))
+
+
+def _checked(model, images, caller: str) -> jax.Array:
+    """`images` as a JAX array, checked as predict checks its images (check_images)."""
+    images = images if isinstance(images, jax.Array) else np.asarray(images)
+    check_images(model, images, caller)
+    return jnp.asarray(images)
 
 
 # jax.jit over the split model, not nnx.jit: flax 0.12.1 (the lowest version pyproject.toml

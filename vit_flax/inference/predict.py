@@ -32,27 +32,37 @@ def _check_inputs(model: Model, images: np.ndarray, batch_size) -> None:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) or (
             batch_size < 1):
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_images(model, images, "predict")
+
+
+def check_images(model: Model, images, caller: str) -> None:
+    """ValueErrors, in `caller`'s name, for images that would give wrong outputs rather than
+    an error: another shape than the model's, a dtype but uint8 or float, and (when their
+    values are known: not inside a jit) NaN or inf, or floats in [0, 1] for a model whose
+    Normalization was adapted on 0..255 pixels."""
     expected = model.config.input_shape
     if images.ndim != 4 or images.shape[1:] != expected:
-        raise ValueError(f"predict expects images of shape (N, {', '.join(map(str, expected))}),"
+        raise ValueError(f"{caller} expects images of shape (N, {', '.join(map(str, expected))}),"
                          f" got {images.shape}")
     if not (images.dtype == np.uint8 or np.issubdtype(images.dtype, np.floating)):
-        raise ValueError(f"predict expects uint8 or float images, got {images.dtype}")
-    if images.dtype == np.uint8 or not images.size:
+        raise ValueError(f"{caller} expects uint8 or float images, got {images.dtype}")
+    if images.dtype == np.uint8 or not images.size or isinstance(images, jax.core.Tracer):
         return
+    images = np.asarray(images)
     if not np.isfinite(images).all():
-        raise ValueError(f"predict got {int((~np.isfinite(images)).sum())} non-finite pixel "
+        raise ValueError(f"{caller} got {int((~np.isfinite(images)).sum())} non-finite pixel "
                          f"values (NaN or inf); pass finite pixels")
     # Normalization subtracts the mean of the images it was adapted on: pixels in [0, 1] for
     # a model adapted on 0..255 pixels are all "black" to it, and the logits are garbage.
     # (A model without the seed's Normalization, e.g. vit_flax.models.hub_vit.ViTHub, scales its
-    # input by its preset's converter: no adapted statistics to check against.)
+    # input by its preset's converter: no adapted statistics to check against.) All-black
+    # images (all 0) are the same on either scale.
     if not hasattr(model, "data_augmentation"):
         return
     mean = np.asarray(model.data_augmentation.normalization.mean[...])
-    if images.max() <= 1.0 and mean.max() > 1.0:
+    if 0 < images.max() <= 1.0 and mean.max() > 1.0:
         raise ValueError(
-            f"predict got float images in [{images.min():g}, {images.max():g}], but this model "
+            f"{caller} got float images in [{images.min():g}, {images.max():g}], but this model "
             f"was adapted on pixels in 0..255 (channel means {np.round(mean, 1).tolist()}); "
             f"pass raw pixels: uint8, or floats in 0..255 (e.g. images * 255)")
 
