@@ -39,7 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.format == "onnx" and args.platforms != parser.get_default("platforms"):
+        parser.error("--platforms is for --format stablehlo; an ONNX model runs wherever its "
+                     "runtime does")
     from vit_flax.inference import export  # After parsing: --help needs no JAX.
 
     platforms = tuple(p.strip() for p in args.platforms.split(",") if p.strip())

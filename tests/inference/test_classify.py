@@ -10,6 +10,7 @@ import os
 import sys
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import write_preset
@@ -68,6 +69,9 @@ def test_files_are_read_as_the_training_images_were(model, tmp_path):
     [from_array] = classify_lib.classify(model, read_image(tmp_path / "big.png", 8)[None],
                                          top_k=3)
     assert from_file.top == from_array.top and from_file.source == str(tmp_path / "big.png")
+    pixels = jnp.asarray(read_image(tmp_path / "big.png", 8))[None]  # A JAX array: images too.
+    [from_jax] = classify_lib.classify(model, pixels, top_k=3)
+    assert from_jax.top == from_array.top
     assert sum(q for _, q in from_file.top) == pytest.approx(1.0, abs=1e-9)
 
 
@@ -104,6 +108,12 @@ def test_folders_are_searched_as_training_reads_them_and_each_file_found_once(tm
                                             for name in ("a.png", "linked/d.png", "trip/c.jpg")]
     # A glob's ** follows the loop a few levels: each file is kept once, under its first name.
     assert classify.find_images(f"{photos}/trip/**/*.jpg") == [(f"{photos}/trip/c.jpg", None)]
+    for bad, kind in [([np.zeros((8, 8, 3))], "ndarray"), ([b"a.png"], "bytes")]:
+        with pytest.raises(ValueError) as error:
+            classify.find_images(bad)
+        assert str(error.value) == (
+            f"expected image files, folders or globs (str or path), or images in one array "
+            f"(N, H, W, C); got a {kind} among the paths (np.stack arrays into one)")
 
 
 def test_class_names_from_data_json_else_results_json_else_indices(tmp_path):

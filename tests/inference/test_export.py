@@ -155,6 +155,12 @@ def test_cli_errors_are_one_line_with_exit_2(tmp_path, capsys):
     assert error.startswith("error: argument --format: invalid choice: 'tflite' (choose from ")
     assert "stablehlo" in error and error.endswith(") (see --help)\n")
     assert error.count("\n") == 1
+    with pytest.raises(SystemExit) as exit_status:  # Was silently ignored.
+        cli.main([str(tmp_path), "--format", "onnx", "--platforms", "tpu", "--output", "m"])
+    assert exit_status.value.code == 2
+    assert capsys.readouterr().err == (
+        "error: --platforms is for --format stablehlo; an ONNX model runs wherever its runtime "
+        "does (see --help)\n")
 
 
 def test_a_failed_export_keeps_the_file_it_would_replace(tmp_path, monkeypatch):

@@ -12,6 +12,7 @@ from conftest import random_images
 from flax import nnx
 
 import vit_flax
+from vit_flax.infra import workdir as layout
 
 
 @pytest.fixture
@@ -138,3 +139,14 @@ def test_features_and_heatmaps_check_their_images_as_predict(model, analysis):
     jitted = jax.jit(lambda state, x: analyse(nnx.merge(graphdef, state), x))
     np.testing.assert_allclose(jitted(state, images), analyse(model, images), rtol=1e-5,
                                atol=1e-6)
+
+
+def test_load_of_a_group_names_one_of_its_runs(tmp_path):
+    (tmp_path / layout.GROUP_MARKER).write_text("{}")
+    for name in ("seed-1", "seed-0"):
+        (tmp_path / layout.GROUP_RUNS / name).mkdir(parents=True)
+    with pytest.raises(FileNotFoundError) as error:
+        vit_flax.load(tmp_path)
+    assert str(error.value) == (
+        f"{tmp_path} is a group of runs (train.py --seeds or a grid), not one run: give one of "
+        f"its runs, e.g. {tmp_path / 'runs' / 'seed-0'}")

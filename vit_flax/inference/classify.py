@@ -46,6 +46,10 @@ def find_images(patterns) -> list[tuple[str, str | None]]:
     with its error, so it is reported, not skipped."""
     found = []
     for pattern in [patterns] if isinstance(patterns, str | os.PathLike) else patterns:
+        if not isinstance(pattern, str | os.PathLike):
+            raise ValueError(f"expected image files, folders or globs (str or path), or "
+                             f"images in one array (N, H, W, C); got a {type(pattern).__name__} "
+                             f"among the paths (np.stack arrays into one)")
         pattern = os.fspath(pattern)
         path = Path(pattern).expanduser()
         if path.is_dir():
@@ -167,7 +171,7 @@ def classify(model, paths_or_images, class_names=None, top_k: int = 5,
     if len(names) != num_classes:
         raise ValueError(f"{len(names)} class names for a model of {num_classes} classes; "
                          f"pass one name per class")
-    if isinstance(paths_or_images, np.ndarray):
+    if hasattr(paths_or_images, "__array__"):  # numpy's, JAX's, ...
         probs = probabilities(model, predict(model, paths_or_images, batch_size))
         return [Prediction(f"images[{i}]", _top(p, names, top_k)) for i, p in enumerate(probs)]
     entries, size, predictions = find_images(paths_or_images), _image_size(model), []

@@ -13,7 +13,13 @@ from flax import nnx
 
 from vit_flax.config import ConfigError, ViTConfig
 from vit_flax.infra.checkpoints import restore_model
-from vit_flax.infra.workdir import BEST_CHECKPOINT, BEST_CHECKPOINT_SWAP, CONFIG_FILE
+from vit_flax.infra.workdir import (
+    BEST_CHECKPOINT,
+    BEST_CHECKPOINT_SWAP,
+    CONFIG_FILE,
+    GROUP_MARKER,
+    GROUP_RUNS,
+)
 from vit_flax.models import Model
 
 
@@ -103,6 +109,11 @@ def load(workdir: str | os.PathLike) -> tuple[Model, ViTConfig]:
     config_path = workdir / CONFIG_FILE
     # A kill between the two renames of checkpoints.save_model leaves only a swap copy.
     copies = (BEST_CHECKPOINT, *BEST_CHECKPOINT_SWAP)
+    if (workdir / GROUP_MARKER).is_file():
+        runs = sorted(path.name for path in (workdir / GROUP_RUNS).glob("*") if path.is_dir())
+        raise FileNotFoundError(f"{workdir} is a group of runs (train.py --seeds or a grid), "
+                                f"not one run: give one of its runs, e.g. "
+                                f"{workdir / GROUP_RUNS / (runs[0] if runs else 'NAME')}")
     if not config_path.is_file() or not any((workdir / name).is_dir() for name in copies):
         raise FileNotFoundError(f"{workdir} holds no finished train.py checkpoint (expected "
                                 f"{CONFIG_FILE} and {BEST_CHECKPOINT}/)")

@@ -30,6 +30,8 @@ from pathlib import Path
 from vit_flax.config import ConfigError, ViTConfig
 
 MARKER = ".vit_flax-run.json"  # This directory is a vit_flax run; holds its configuration.
+GROUP_MARKER = ".vit_flax-group.json"  # A group of runs (training.group); their configs.
+GROUP_RUNS = "runs"  # A group's runs, a directory each.
 # The marker's format: 2 adds "format" (a marker without it is format 1, read the same).
 FORMAT = 2
 LOCK = ".vit_flax.lock"  # Held (flock) by the process training here; holds its pid.

@@ -63,8 +63,7 @@ from vit_flax.training import optim, steps
 from vit_flax.training.optim import keras_adamw
 
 VARIED_FIELDS = ("seed", "learning_rate", "weight_decay")
-GROUP_MARKER = ".vit_flax-group.json"  # This directory is a group; holds its runs' configs.
-RUNS = "runs"
+GROUP_MARKER, RUNS = layout.GROUP_MARKER, layout.GROUP_RUNS
 SUMMARY_FILE = "summary.json"
 GROUP_ENTRIES = (GROUP_MARKER, layout.LOCK, RUNS, layout.RUN_STATE, layout.MID_EPOCH_STATE,
                  SUMMARY_FILE)
