@@ -7,6 +7,7 @@ import importlib
 import importlib.util
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -185,6 +186,12 @@ def test_cli_exit_1_for_an_unreadable_file_and_2_for_no_model(seed_run, held_out
     assert capsys.readouterr().err == (
         f"error: {tmp_path} holds no finished train.py checkpoint (expected config.json and "
         f"best_checkpoint/)\n")
+    unfinished = Path(shutil.copytree(seed_run, tmp_path / "killed"))
+    (unfinished / "results.json").unlink()  # As a run killed before its end leaves it.
+    assert cli.main([str(unfinished), good]) == 0
+    assert capsys.readouterr().err == (
+        f"note: {unfinished} has no results.json: its training has not finished, and this is "
+        f"its best model so far (the same train.py command resumes it)\n")
 
 
 def test_cli_help_names_each_flag_default_and_choices(capsys):

@@ -207,7 +207,7 @@ def class_names_of(workdir, num_classes: int) -> tuple[list[str], str | None]:
 def load_classifier(path) -> tuple[object, list[str], str | None]:
     """(model, class names, note) of a vit_flax workdir or a Keras Hub preset directory.
     A preset records no class names: its classes are named by index (ImageNet's for the
-    ImageNet presets), and the note says so."""
+    ImageNet presets), and the note says so; so does it for a run that has not finished."""
     from vit_flax.weights.keras_hub import is_preset, load_preset  # Only presets need it.
 
     path = Path(path)
@@ -221,6 +221,10 @@ def load_classifier(path) -> tuple[object, list[str], str | None]:
                               f"(ImageNet's class indices for the ImageNet presets)")
     model, config = load(path)
     names, note = class_names_of(path, config.num_classes)
+    if not (path / RESULTS_FILE).is_file():  # Killed, or still training.
+        unfinished = (f"{path} has no {RESULTS_FILE}: its training has not finished, and this "
+                      f"is its best model so far (the same train.py command resumes it)")
+        note = unfinished if note is None else f"{note}; {unfinished}"
     return model, names, note
 
 
