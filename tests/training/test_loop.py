@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 
 import jax
@@ -235,6 +236,50 @@ def test_a_folder_streamed_from_disk_trains_as_in_memory(tmp_path, monkeypatch):
     rows = json.loads((tmp_path / "stream" / "history.json").read_text())
     assert all(0.0 <= row["data_wait"] < 1.0 for row in rows)
     assert " - data wait: " in lines["stream"][1]
+
+
+@pytest.mark.slow
+def test_unreadable_images_are_named_and_never_cost_a_run_its_results(tmp_path):
+    from conftest import TINY, write_image_folder
+
+    from vit_flax.data import stream
+    from vit_flax.training import feeds
+
+    folder = write_image_folder(tmp_path / "images", train_per_class=7, test_per_class=2,
+                                size=12, suffix=".jpg")
+    first_test = sorted((folder / "test").rglob("*.jpg"))[0]
+    first_test.write_bytes(b"\xff\xd8 truncated")
+    config = vit_flax.ViTConfig(**TINY, epochs=1)
+    # In memory every file is read before training: the test image's error comes first.
+    lines = []
+    with pytest.raises(data.DataError, match=f"cannot read image {first_test}: "):
+        vit_flax.train(config, stream.open_folder(folder, 8), tmp_path / "memory",
+                       data_in="memory", log=lines.append)
+    assert not [line for line in lines if line.startswith("Epoch ")]  # Was after training.
+    # Streamed, it is named, left out of the test metrics and of attention.png; the run
+    # ends with its results (the figure read the first 4 test images: it ended the run).
+    with pytest.warns(feeds.BadImageWarning):
+        vit_flax.train(config, stream.open_folder(folder, 8), tmp_path / "stream",
+                       data_in="stream", log=lines.append)
+    results = json.loads((tmp_path / "stream" / "results.json").read_text())
+    assert (results["test_examples"], results["test_unreadable"]) == (6, 1)
+    assert "1 test images could not be read (each named above): the test metrics leave them " \
+           "out" in lines
+    assert (tmp_path / "stream" / "attention.png").is_file()
+    # Every training image gone after epoch 1 (a folder moved away): epoch 2's steps have
+    # no loss, and the verdict says why instead of suggesting a lower learning rate.
+    def log(line):
+        lines.append(line)
+        if line.startswith("Epoch 1/2 "):
+            for path in (folder / "train").rglob("*.jpg"):
+                path.unlink()
+
+    with pytest.warns(feeds.BadImageWarning), pytest.raises(FloatingPointError) as stopped:
+        vit_flax.train(dataclasses.replace(config, epochs=2), stream.open_folder(folder, 8),
+                       tmp_path / "gone", data_in="stream", log=log)
+    assert str(stopped.value).endswith(  # 21 images, 3 of them validation.
+        "keeps epoch 1, the last finite one (18 training images of the epoch could not be "
+        "read, each named above: are they still there?)")
 
 
 @pytest.mark.slow

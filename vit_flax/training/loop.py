@@ -253,10 +253,13 @@ def record_epoch(fit: Fit, state, run: int, row: dict, log) -> None:
     bad_step = row.pop("first_nonfinite_step")
     if bad_step >= 0:
         keeper = "the run" if member.name else member.directory  # A group's: in summary.json.
+        # A streamed step none of whose images could be read has no loss (0/0): say so.
+        unread = getattr(fit.train_feed, "skipped", 0)
+        why = (f"{unread} training images of the epoch could not be read, each named above: "
+               f"are they still there?" if unread else "a lower learning_rate?")
         member.stopped = (f"the training loss became non-finite at step {bad_step} (epoch "
                           f"{row['epoch']}); {keeper} keeps epoch "
-                          f"{member.progress.epoch}, the last finite one (a lower "
-                          f"learning_rate?)")
+                          f"{member.progress.epoch}, the last finite one ({why})")
         if fit.stacked:
             log(member.say(f"{member.stopped}; the other runs go on"))
         return
@@ -500,6 +503,7 @@ def _train_in(members: list[Member], models, splits, workdir: Path, options: Run
         warn_of_unseen_classes(train_set, validation_set, config.validation_split, log)
     fit, state = prepare_fit(members, models, train_set, validation_set, mesh,
                              options.data_on_device, stacked)
+    splits = _test_split_read_now(splits, fit)
     fit.log_every, fit.checkpoint_every = options.log_every, options.checkpoint_every
     log(_start_line(fit, len(train_set), len(validation_set)))
     described = describe_data(data, splits, len(train_set), options)
@@ -593,11 +597,23 @@ def _write_run_files(fit: Fit, models, train_set, described: dict) -> None:
                                    member.directory / "patches.png")
 
 
+def _test_split_read_now(splits: data_lib.Splits, fit: Fit) -> data_lib.Splits:
+    """The in-memory path reads every file before training: its test split too, so that a
+    bad test image is a DataError now, not after the last epoch. A streamed run's test
+    split streams at the end (an unreadable image left out, as in training)."""
+    if splits.test is None or isinstance(fit.train_feed, feeds.StreamFeed):
+        return splits
+    return dataclasses.replace(splits, test=stream.materialize(splits.test))
+
+
 def _finish(fit: Fit, splits: data_lib.Splits, log) -> list[dict]:
     """Restore each member's best weights (as the seed's model.load_weights), evaluate them
     on the test split, plot; the results of each member."""
     bests = _best_models(fit, splits.test)
-    tests = _evaluate_best(fit, bests, splits.test)
+    tests, unreadable = _evaluate_best(fit, bests, splits.test)
+    if unreadable:
+        log(f"{unreadable} test images could not be read (each named above): the test "
+            f"metrics leave them out")
     versions = reporting.versions()
     all_results = []
     for member, test, best in zip(fit.members, tests, bests, strict=True):
@@ -613,6 +629,7 @@ def _finish(fit: Fit, splits: data_lib.Splits, log) -> list[dict]:
             log(member.say("No epoch was trained: there is no checkpoint to test."))
         results.update(best_epoch=member.progress.best_epoch, epochs=member.progress.epoch,
                        test_examples=0 if splits.test is None else len(splits.test),
+                       test_unreadable=unreadable,
                        config=json.loads(member.config.to_json()), devices=fit.mesh.size,
                        versions=versions)
         if parallel.is_main_process():
@@ -634,17 +651,33 @@ def _best_models(fit: Fit, test_set) -> list[Model | None]:
 def _plot_results(member: Member, best: Model | None, test_set) -> None:
     """loss.png, top-5-accuracy.png and the best model's attention.png."""
     reporting.plot_history(member.progress.history, member.directory)
-    if best is not None:
-        reporting.plot_attention(best, np.asarray(test_set.images[:ATTENTION_IMAGES]),
-                                 member.directory / "attention.png")
+    images = None if best is None else _readable_images(test_set.images, ATTENTION_IMAGES)
+    if images is not None:
+        reporting.plot_attention(best, images, member.directory / "attention.png")
 
 
-def _evaluate_best(fit: Fit, bests: list[Model | None], test_set) -> list[dict | None]:
-    """Each member's best model on the test split (a group's in one vmapped evaluation);
-    None for a member without one."""
+def _readable_images(images, count: int) -> np.ndarray | None:
+    """The first `count` images that can be read (None if none can): a streamed test
+    split's unreadable files were named by its evaluation and left out, as here."""
+    if not isinstance(images, stream.LazyImages):
+        return np.asarray(images[:count])
+    found = []
+    for index in range(len(images)):
+        with contextlib.suppress(data_lib.DataError):
+            found.append(images.read(index))
+        if len(found) == count:
+            break
+    return np.stack(found) if found else None
+
+
+def _evaluate_best(fit: Fit, bests: list[Model | None],
+                   test_set) -> tuple[list[dict | None], int]:
+    """Each member's best model on the test split (a group's in one vmapped evaluation),
+    None for a member without one; and how many test images could not be read (a
+    streamed split's, left out)."""
     has = [best is not None for best in bests]
     if not any(has):
-        return [None] * len(fit.members)
+        return [None] * len(fit.members), 0
     params = [steps.split_model(best)[1] if best is not None else None for best in bests]
     stand_in = next(p for p in params if p is not None)  # Evaluated, then ignored.
     params = [stand_in if p is None else p for p in params]
@@ -653,4 +686,5 @@ def _evaluate_best(fit: Fit, bests: list[Model | None], test_set) -> list[dict |
     feed = feeds.make_feed(test_set, fit.mesh, fit.data_on_device)
     metrics = evaluate(fit.eval_step, params, fit.statistics, feed, fit.config.batch_size,
                        fit.zero_totals(), fit.run_means)
-    return [m if ok else None for m, ok in zip(metrics, has, strict=True)]
+    return ([m if ok else None for m, ok in zip(metrics, has, strict=True)],
+            getattr(feed, "skipped", 0))
