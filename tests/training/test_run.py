@@ -88,3 +88,24 @@ def test_a_validation_part_of_classes_training_never_sees_is_warned_of():
         "give validation_split=0"]
     assert "holds classes 2 that the training part lacks" in said["by class, 40%"][0]
     assert said["shuffled"] == []
+
+
+def test_a_resume_names_the_same_folders_however_they_are_spelled(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from vit_flax.training.loop import check_same_data
+
+    for name in ("data", "source", "other"):
+        (tmp_path / name).mkdir()
+    described = {"dataset": "folder", "data_dir": str(tmp_path / "data"), "examples": 3,
+                 "init_from": str(tmp_path / "source")}
+    (tmp_path / "data.json").write_text(json.dumps(described))
+    member = SimpleNamespace(directory=tmp_path)
+    monkeypatch.chdir(tmp_path)
+    # A trailing slash, a relative path: the same folders (both were refused).
+    check_same_data([member], {**described, "data_dir": "data/",
+                               "init_from": f"{tmp_path}/source/"})
+    with pytest.raises(vit_flax.ConfigError, match=f"was trained with data_dir="
+                                                   f"'{tmp_path / 'data'}'; this run has "
+                                                   f"data_dir='other'"):
+        check_same_data([member], {**described, "data_dir": "other"})

@@ -3,6 +3,7 @@ what is resampled, what stays new, and one-line errors for the rest."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -167,6 +168,16 @@ def test_a_preset_starts_a_standard_vit_that_computes_what_it_computes(tmp_path)
     images = random_images(4, 16).astype(np.float32)
     np.testing.assert_allclose(vit_flax.features(model, images),
                                vit_flax.features(hub, images), atol=1e-5)
+
+
+def test_a_presets_scale_float32_cannot_invert_is_refused_before_training():
+    hub = ViTHub(dataclasses.replace(PRESET, scale=(1e-30,) * 3), rngs=nnx.Rngs(4))
+    model = vit_flax.create_model(STANDARD, random_images(16, 16))
+    with pytest.raises(vit_flax.ConfigError) as error:  # 1 / scale**2 is inf in float32.
+        finetune.initialize_from(model, hub)
+    assert str(error.value).startswith(
+        "init_from: the preset's image converter (scale [1e-30, 1e-30, 1e-30], offset ")
+    assert "variance [inf, inf, inf]); give the converter a scale near 1/255" in str(error.value)
 
 
 def test_a_preset_at_another_image_size_has_its_position_embedding_resampled(tmp_path):

@@ -577,13 +577,22 @@ def check_same_data(members: list[Member], described: dict) -> None:
         except (OSError, ValueError):
             continue
         for key, value in described.items():
-            if key in saved and saved[key] != value:
+            if key in saved and not _same(key, saved[key], value):
                 shown = {k: (f"{len(v)} classes" if k == "class_names" else v)
                          for k, v in ((key, saved[key]), ("new", value))}
                 raise ConfigError(
                     f"{member.directory} was trained with {key}={shown[key]!r}; this run has "
                     f"{key}={shown['new']!r}: resume it with the data and flags it started "
                     f"with, or train into another workdir")
+
+
+def _same(key: str, saved, value) -> bool:
+    """Whether a data.json entry is this run's: directories compared as the folders they
+    name (a trailing slash, or relative against absolute, is the same folder)."""
+    if key in ("data_dir", "init_from") and isinstance(saved, str) and isinstance(value, str):
+        return os.path.realpath(os.path.expanduser(saved)) == \
+            os.path.realpath(os.path.expanduser(value))
+    return saved == value
 
 
 def _write_run_files(fit: Fit, models, train_set, described: dict) -> None:

@@ -72,8 +72,17 @@ def _preset_arrays(source: ViTHub) -> dict[tuple, np.ndarray]:
     channels = source.config.image_shape[-1]
     scale = np.asarray(source.config.scale or (1.0,) * channels, np.float64)
     offset = np.asarray(source.config.offset or (0.0,) * channels, np.float64)
-    arrays[(*NORMALIZATION, "mean")] = (-offset / scale).astype(np.float32)
-    arrays[(*NORMALIZATION, "variance")] = (1.0 / scale ** 2).astype(np.float32)
+    with np.errstate(over="ignore"):  # An overflow is the error below, not a warning.
+        mean = (-offset / scale).astype(np.float32)
+        variance = (1.0 / scale ** 2).astype(np.float32)
+    if not (np.isfinite(mean).all() and np.isfinite(variance).all() and (variance > 0).all()):
+        # Checked here, not after a run trained on images all mapped to one value.
+        raise ConfigError(f"init_from: the preset's image converter (scale {scale.tolist()}, "
+                          f"offset {offset.tolist()}) gives Normalization statistics that "
+                          f"float32 cannot hold (mean {mean.tolist()}, variance "
+                          f"{variance.tolist()}); give the converter a scale near 1/255 or 1/127.5")
+    arrays[(*NORMALIZATION, "mean")] = mean
+    arrays[(*NORMALIZATION, "variance")] = variance
     arrays[(*NORMALIZATION, "count")] = np.zeros((), np.int32)  # Adapted on no images.
     return arrays
 
