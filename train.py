@@ -237,8 +237,10 @@ def cli(argv) -> int:
         if args["init_from"] is not None:  # The model's shape is the source's.
             from vit_flax.weights import finetune
 
-            explicit = {**vit_flax.config.MODELS[args["model"]], **given}
-            given.update(finetune.source_fields(args["init_from"], explicit))
+            named = vit_flax.config.MODELS[args["model"]]
+            implied = {name: f"model={args['model']}" for name in named if name not in given}
+            given.update(finetune.source_fields(args["init_from"], {**named, **given},
+                                                implied=implied))
         config = configs(args, given, vit_flax.ViTConfig.recipe, vit_flax.sweep)
         run_options = {name: args[name] for name in RUN_FLAGS if name != "seeds"}
         if run_options["compilation_cache"] == "none":

@@ -249,7 +249,7 @@ def test_a_presets_architecture_is_taken_even_with_an_mlp_of_another_width(tmp_p
                                vit_flax.features(hub, images), atol=1e-5)
 
 
-def test_what_the_user_gave_must_agree_with_the_source(tmp_path):
+def test_what_the_user_gave_must_agree_with_the_source(tmp_path, capsys):
     preset = write_preset(ViTHub(PRESET, rngs=nnx.Rngs(4)), tmp_path / "preset")
     base = vit_flax.ViTConfig(num_classes=2, input_size=16)
     with pytest.raises(vit_flax.ConfigError, match=(
@@ -272,6 +272,12 @@ def test_what_the_user_gave_must_agree_with_the_source(tmp_path):
         layer_norm_epsilon=1e-6, head="cls", mlp_head_units=(5,), image_size=16)
     with pytest.raises(vit_flax.ConfigError, match="projection_dim=16 was given, the source"):
         finetune.source_fields(preset, {"projection_dim": 16})
+    # A named model's field, not the user's: train.py says which flag set it.
+    assert cli.main(["--model", "vit-ti16", "--init-from", str(preset), "--dataset", "folder",
+                     "--data-dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: --init-from {preset}: --model vit-ti16 sets --patch-size 16, the source has "
+        f"8; leave --model vit-ti16 out to take the source's\n")
 
 
 def test_a_backbone_leaves_the_head_to_the_run(tmp_path):

@@ -221,20 +221,23 @@ def _given_value(name: str, given: Mapping[str, object], fixed: dict):
 
 
 def source_fields(source: str | os.PathLike, given: Mapping[str, object],
-                  channels: int = 3) -> dict:
+                  channels: int = 3, implied: Mapping[str, str] | None = None) -> dict:
     """The ViTConfig fields a fine-tuning run takes from `source` (a Keras Hub preset
     directory or a vit_flax run): its architecture (ARCHITECTURE_FIELDS) and its image size,
     less those in `given` (the fields the user set, with their values). A given field the
-    source fixes must agree with it, or a one-line ConfigError names both values; image
-    size, classes and the recipe stay the user's. Reads the source's JSON only."""
-    path = Path(source)
+    source fixes must agree with it, or a one-line ConfigError names both values, and what
+    set it where `implied` says (field -> "model=vit-ti16": a named model's, not the user's
+    own); image size, classes and the recipe stay the user's. Reads the source's JSON only."""
+    path, implied = Path(source), implied or {}
     fixed, suggested = (_preset_fields(path, channels) if is_preset(path)
                         else _run_fields(path))
     for name, theirs in fixed.items():
         if name in given and _given_value(name, given, fixed) != theirs:
-            raise ConfigError(f"init_from={path}: {name}={given[name]!r} was given, the "
-                              f"source has {theirs!r}; leave {name} out to take the "
-                              f"source's")
+            setter = implied.get(name)
+            said = f"{setter} sets {name}={given[name]!r}" if setter else \
+                f"{name}={given[name]!r} was given"
+            raise ConfigError(f"init_from={path}: {said}, the source has {theirs!r}; leave "
+                              f"{setter or name} out to take the source's")
     return {name: value for name, value in (suggested | fixed).items() if name not in given}
 
 
