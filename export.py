@@ -20,6 +20,10 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
+class Default(str):
+    """A flag's default value, told apart from the same value given on the command line."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(description=__doc__.splitlines()[0].rstrip() + " ...",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -32,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "jax.export.deserialize without vit_flax")
     parser.add_argument("--output", required=True, metavar="PATH",
                         help="the file to write (replaced if it exists)")
-    parser.add_argument("--platforms", default="cpu,cuda",
+    parser.add_argument("--platforms", default=Default("cpu,cuda"),
                         help="stablehlo only: comma-separated platforms it is lowered for "
                              "(cpu, cuda, rocm, tpu); it runs only on those")
     return parser
@@ -41,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.format == "onnx" and args.platforms != parser.get_default("platforms"):
+    if args.format == "onnx" and not isinstance(args.platforms, Default):  # Given at all.
         parser.error("--platforms is for --format stablehlo; an ONNX model runs wherever its "
                      "runtime does")
     from vit_flax.inference import export  # After parsing: --help needs no JAX.

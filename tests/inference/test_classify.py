@@ -190,8 +190,8 @@ def test_cli_exit_1_for_an_unreadable_file_and_2_for_no_model(seed_run, held_out
     (unfinished / "results.json").unlink()  # As a run killed before its end leaves it.
     assert cli.main([str(unfinished), good]) == 0
     assert capsys.readouterr().err == (
-        f"note: {unfinished} has no results.json: its training has not finished, and this is "
-        f"its best model so far (the same train.py command resumes it)\n")
+        f"note: {unfinished} has no results.json: its training did not run to its end "
+        f"(killed, stopped early, or still going); this is its best model so far\n")
 
 
 def test_cli_help_names_each_flag_default_and_choices(capsys):

@@ -155,12 +155,14 @@ def test_cli_errors_are_one_line_with_exit_2(tmp_path, capsys):
     assert error.startswith("error: argument --format: invalid choice: 'tflite' (choose from ")
     assert "stablehlo" in error and error.endswith(") (see --help)\n")
     assert error.count("\n") == 1
-    with pytest.raises(SystemExit) as exit_status:  # Was silently ignored.
-        cli.main([str(tmp_path), "--format", "onnx", "--platforms", "tpu", "--output", "m"])
-    assert exit_status.value.code == 2
-    assert capsys.readouterr().err == (
-        "error: --platforms is for --format stablehlo; an ONNX model runs wherever its runtime "
-        "does (see --help)\n")
+    for platforms in ("tpu", "cpu,cuda"):  # Was silently ignored; the default's value too.
+        with pytest.raises(SystemExit) as exit_status:
+            cli.main([str(tmp_path), "--format", "onnx", "--platforms", platforms, "--output",
+                      "m"])
+        assert exit_status.value.code == 2
+        assert capsys.readouterr().err == (
+            "error: --platforms is for --format stablehlo; an ONNX model runs wherever its "
+            "runtime does (see --help)\n")
 
 
 def test_a_failed_export_keeps_the_file_it_would_replace(tmp_path, monkeypatch):

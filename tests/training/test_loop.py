@@ -279,7 +279,8 @@ def test_unreadable_images_are_named_and_never_cost_a_run_its_results(tmp_path):
                        tmp_path / "gone", data_in="stream", log=log)
     assert str(stopped.value).endswith(  # 21 images, 3 of them validation.
         "keeps epoch 1, the last finite one (18 training images of the epoch could not be "
-        "read, each named above: are they still there?)")
+        "read, each named above; a step with none of its images has no loss: are they still "
+        "there? Else a lower learning_rate?)")
 
 
 @pytest.mark.slow

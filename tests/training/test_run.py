@@ -93,7 +93,7 @@ def test_a_validation_part_of_classes_training_never_sees_is_warned_of():
 def test_a_resume_names_the_same_folders_however_they_are_spelled(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
-    from vit_flax.training.loop import check_same_data
+    from vit_flax.training.loop import check_same_data, describe_data
 
     for name in ("data", "source", "other"):
         (tmp_path / name).mkdir()
@@ -109,3 +109,9 @@ def test_a_resume_names_the_same_folders_however_they_are_spelled(tmp_path, monk
                                                    f"'{tmp_path / 'data'}'; this run has "
                                                    f"data_dir='other'"):
         check_same_data([member], {**described, "data_dir": "other"})
+    # New runs record them absolute: a resume from elsewhere may name them so.
+    recorded = describe_data({"dataset": "folder", "data_dir": "data"},
+                             SimpleNamespace(class_names=("a",), train=[0, 1, 2]), 3,
+                             SimpleNamespace(init_from="source/"))
+    assert (recorded["data_dir"], recorded["init_from"]) == (str(tmp_path / "data"),
+                                                             str(tmp_path / "source"))

@@ -353,11 +353,23 @@ def read_images(files, size: int) -> np.ndarray:
     return np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8)
 
 
+def is_skipped_folder(name: str) -> bool:
+    """Hidden (.ipynb_checkpoints) and tool (__MACOSX) folders hold no data set's images."""
+    return name.startswith(".") or name in TOOL_FOLDERS
+
+
+def is_image_file(path: Path) -> bool:
+    """An image file by its name: hidden files are none (macOS' ._name.jpg resource forks
+    are AppleDouble data)."""
+    return (not path.name.startswith(".") and path.suffix.lower() in image_suffixes()
+            and path.is_file())
+
+
 def _class_folders(split_root: Path) -> dict[str, Path]:
     """train/'s or test/'s class folders by name, sorted; hidden and tool folders are none."""
     folders, seen = {}, {}
     for path in sorted(split_root.iterdir()):
-        if path.name.startswith(".") or path.name in TOOL_FOLDERS or not path.is_dir():
+        if is_skipped_folder(path.name) or not path.is_dir():
             continue
         target = path.resolve()  # A symlink to a folder elsewhere is a class like any other.
         if split_root.resolve().is_relative_to(target):
@@ -375,9 +387,7 @@ def _list_images(folders: list[Path]) -> tuple[list[Path], list[int]]:
     files, labels = [], []
     for label, folder in enumerate(folders):
         entries = sorted(folder.iterdir())
-        # Hidden files are no images (macOS' ._name.jpg resource forks are AppleDouble data).
-        found = [p for p in entries if not p.name.startswith(".")
-                 and p.suffix.lower() in image_suffixes() and p.is_file()]
+        found = [p for p in entries if is_image_file(p)]
         if not found:
             held = f"it holds only {_some(p.name for p in entries)}" if entries else "it is empty"
             raise DataError(f"{folder} has no images ({held}); expected image files (.png, .jpg, "

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from vit_flax.data.sources import TOOL_FOLDERS, DataError, image_suffixes, read_image
+from vit_flax.data.sources import DataError, is_image_file, is_skipped_folder, read_image
 from vit_flax.inference.predict import load, predict
 from vit_flax.infra.workdir import RESULTS_FILE
 
@@ -58,8 +58,8 @@ def find_images(patterns) -> list[tuple[str, str | None]]:
                 (pattern, f"{pattern}: a folder with no image files (expected .png, .jpg, ... "
                           f"any format Pillow reads)")]
         elif glob.has_magic(pattern) and not path.exists():
-            files = _once_each(sorted(f for f in glob.glob(os.path.expanduser(pattern),
-                                                          recursive=True) if _is_image(Path(f))))
+            matches = glob.glob(os.path.expanduser(pattern), recursive=True)
+            files = _once_each(sorted(f for f in matches if is_image_file(Path(f))))
             found += [(f, None) for f in files] or [(pattern, f"{pattern}: matches no image file")]
         else:
             found.append((pattern, None))  # A file: read_image says why if it cannot be read.
@@ -67,9 +67,10 @@ def find_images(patterns) -> list[tuple[str, str | None]]:
 
 
 def _folder_images(folder: Path) -> list[str]:
-    """The image files under `folder`, sorted: as training reads a folder, its symlinked
-    subfolders are searched (each real folder once: a link to an enclosing folder adds
-    nothing), hidden and tool folders (.ipynb_checkpoints, __MACOSX) are not."""
+    """The image files under `folder` at any depth, sorted. With training's rules for what
+    is an image and which folders hold none (hidden and tool folders are skipped, symlinked
+    folders followed); a folder reached twice (a link to an enclosing folder) is searched
+    once, under its first name in sorted order."""
     files, seen = [], set()
     for root, folders, names in os.walk(folder, followlinks=True):
         real = os.path.realpath(root)
@@ -77,9 +78,8 @@ def _folder_images(folder: Path) -> list[str]:
             folders.clear()
             continue
         seen.add(real)
-        folders[:] = [f for f in folders if not f.startswith(".") and f not in TOOL_FOLDERS]
-        files += [os.path.join(root, name) for name in names
-                  if _is_image(Path(root, name))]
+        folders[:] = sorted(f for f in folders if not is_skipped_folder(f))
+        files += [os.path.join(root, name) for name in names if is_image_file(Path(root, name))]
     return sorted(files)
 
 
@@ -93,11 +93,6 @@ def _once_each(files: list[str]) -> list[str]:
             seen.add(real)
             kept.append(file)
     return kept
-
-
-def _is_image(path: Path) -> bool:
-    return (path.is_file() and not path.name.startswith(".")
-            and path.suffix.lower() in image_suffixes())
 
 
 def _image_size(model) -> int:
@@ -221,9 +216,9 @@ def load_classifier(path) -> tuple[object, list[str], str | None]:
                               f"(ImageNet's class indices for the ImageNet presets)")
     model, config = load(path)
     names, note = class_names_of(path, config.num_classes)
-    if not (path / RESULTS_FILE).is_file():  # Killed, or still training.
-        unfinished = (f"{path} has no {RESULTS_FILE}: its training has not finished, and this "
-                      f"is its best model so far (the same train.py command resumes it)")
+    if not (path / RESULTS_FILE).is_file():  # Killed, stopped early, or still training.
+        unfinished = (f"{path} has no {RESULTS_FILE}: its training did not run to its end "
+                      f"(killed, stopped early, or still going); this is its best model so far")
         note = unfinished if note is None else f"{note}; {unfinished}"
     return model, names, note
 

@@ -50,7 +50,7 @@ def check_images(model: Model, images, caller: str) -> None:
     if images.ndim != 4 or images.shape[1:] != expected:
         raise ValueError(f"{caller} expects images of shape (N, {', '.join(map(str, expected))}),"
                          f" got {images.shape}")
-    if not (images.dtype == np.uint8 or np.issubdtype(images.dtype, np.floating)):
+    if not (images.dtype == np.uint8 or jnp.issubdtype(images.dtype, jnp.floating)):
         raise ValueError(f"{caller} expects uint8 or float images, got {images.dtype}")
     if images.dtype == np.uint8 or not images.size or isinstance(images, jax.core.Tracer):
         return
@@ -65,7 +65,10 @@ def check_images(model: Model, images, caller: str) -> None:
     # images (all 0) are the same on either scale.
     if not hasattr(model, "data_augmentation"):
         return
-    mean = np.asarray(model.data_augmentation.normalization.mean[...])
+    mean = model.data_augmentation.normalization.mean[...]
+    if isinstance(mean, jax.core.Tracer):  # The model's arrays traced (a jit over them).
+        return
+    mean = np.asarray(mean)
     if 0 < images.max() <= 1.0 and mean.max() > 1.0:
         raise ValueError(
             f"{caller} got float images in [{images.min():g}, {images.max():g}], but this model "

@@ -101,7 +101,6 @@ def start_distributed(coordinator_address: str | None, num_processes: int | None
     it. A process whose peers do not all connect within `initialization_timeout` seconds
     ends with one line (exit status 1).
     """
-    global _watch
     if not check_distributed_options(coordinator_address, num_processes, process_id):
         return False
     if type(heartbeat_timeout) is not int or heartbeat_timeout < 1:
@@ -131,13 +130,19 @@ def start_distributed(coordinator_address: str | None, num_processes: int | None
         alarm.cancel()
     if service is not None:
         service.tell("started")
+    _start_watch(heartbeat_timeout)
+    return True
+
+
+def _start_watch(heartbeat_timeout: int) -> None:
+    """The peer watch (_PeerWatch) of this process, in a thread of its own."""
+    global _watch
     _watch = _PeerWatch(jax.process_count(), heartbeat_timeout)
     # Registered after JAX's own exit handler, so run before it: once this process ends
     # (its script done, without distributed_run), the peers that end first, or its own
     # disconnection in JAX's shutdown, are no verdict (they were: exit status 1).
     atexit.register(_watch.exiting.set)
     threading.Thread(target=_watch.run, name="vit_flax-peers", daemon=True).start()
-    return True
 
 
 # JAX's coordination service, which process 0 runs for all, in a process of its own: run

@@ -254,9 +254,10 @@ def record_epoch(fit: Fit, state, run: int, row: dict, log) -> None:
     if bad_step >= 0:
         keeper = "the run" if member.name else member.directory  # A group's: in summary.json.
         # A streamed step none of whose images could be read has no loss (0/0): say so.
-        unread = getattr(fit.train_feed, "skipped", 0)
-        why = (f"{unread} training images of the epoch could not be read, each named above: "
-               f"are they still there?" if unread else "a lower learning_rate?")
+        unread = unreadable(fit.train_feed, len(fit.members) if fit.stacked else 1)
+        why = (f"{unread} training images of the epoch could not be read, each named above; "
+               f"a step with none of its images has no loss: are they still there? Else a "
+               f"lower learning_rate?" if unread else "a lower learning_rate?")
         member.stopped = (f"the training loss became non-finite at step {bad_step} (epoch "
                           f"{row['epoch']}); {keeper} keeps epoch "
                           f"{member.progress.epoch}, the last finite one ({why})")
@@ -273,6 +274,14 @@ def record_epoch(fit: Fit, state, run: int, row: dict, log) -> None:
         save_model(member.directory / layout.BEST_CHECKPOINT,
                    nnx.merge(fit.graphdef, params, fit.statistics))
     member.progress.epoch = row["epoch"]
+
+
+def unreadable(feed, runs: int = 1) -> int:
+    """How many images of its split a feed's last pass could not read (a StreamFeed's
+    skipped), over every process (each reads its share; every process calls this). A
+    group's runs each read every image of the epoch: `runs` times each."""
+    local = np.asarray([getattr(feed, "skipped", 0)], np.int64)
+    return int(parallel.sum_over_processes(local)[0]) // runs
 
 
 def saved_progress(fit: Fit, done: int) -> RunProgress:
@@ -558,10 +567,15 @@ def describe_data(data: dict | None, splits: data_lib.Splits, train_examples: in
                   options: RunOptions) -> dict:
     """What makes a run's data what it is: data.json, and a resume's check."""
     data = data or {}
-    return {"dataset": data.get("dataset"),
-            "data_dir": None if data.get("data_dir") is None else str(data["data_dir"]),
+    return {"dataset": data.get("dataset"), "data_dir": _absolute(data.get("data_dir")),
             "class_names": list(splits.class_names), "examples": len(splits.train),
-            "init_from": None if options.init_from is None else str(options.init_from)}
+            "init_from": _absolute(options.init_from)}
+
+
+def _absolute(path) -> str | None:
+    """A directory as data.json records it: absolute, so that a resume from another working
+    directory names the same folder (compared by _same)."""
+    return None if path is None else os.path.abspath(os.path.expanduser(path))
 
 
 def check_same_data(members: list[Member], described: dict) -> None:
@@ -695,5 +709,4 @@ def _evaluate_best(fit: Fit, bests: list[Model | None],
     feed = feeds.make_feed(test_set, fit.mesh, fit.data_on_device)
     metrics = evaluate(fit.eval_step, params, fit.statistics, feed, fit.config.batch_size,
                        fit.zero_totals(), fit.run_means)
-    return ([m if ok else None for m, ok in zip(metrics, has, strict=True)],
-            getattr(feed, "skipped", 0))
+    return [m if ok else None for m, ok in zip(metrics, has, strict=True)], unreadable(feed)
