@@ -633,10 +633,10 @@ def _finish(fit: Fit, splits: data_lib.Splits, log) -> list[dict]:
     """Restore each member's best weights (as the seed's model.load_weights), evaluate them
     on the test split, plot; the results of each member."""
     bests = _best_models(fit, splits.test)
-    tests, unreadable = _evaluate_best(fit, bests, splits.test)
-    if unreadable:
-        log(f"{unreadable} test images could not be read (each named above): the test "
-            f"metrics leave them out")
+    tests, unread = _evaluate_best(fit, bests, splits.test)
+    if unread:
+        log(f"{unread} test images could not be read (each named above): the test metrics "
+            f"leave them out")
     versions = reporting.versions()
     all_results = []
     for member, test, best in zip(fit.members, tests, bests, strict=True):
@@ -652,7 +652,7 @@ def _finish(fit: Fit, splits: data_lib.Splits, log) -> list[dict]:
             log(member.say("No epoch was trained: there is no checkpoint to test."))
         results.update(best_epoch=member.progress.best_epoch, epochs=member.progress.epoch,
                        test_examples=0 if splits.test is None else len(splits.test),
-                       test_unreadable=unreadable,
+                       test_unreadable=unread,
                        config=json.loads(member.config.to_json()), devices=fit.mesh.size,
                        versions=versions)
         if parallel.is_main_process():
