@@ -18,6 +18,7 @@ from conftest import TINY, random_images, xla_flags
 
 import vit_flax
 from vit_flax.data import sources as data
+from vit_flax.infra import workdir as layout
 from vit_flax.training import feeds, group, loop, optim
 from vit_flax.training.loop import train_group
 from vit_flax.training.setup import create_train_state
@@ -293,7 +294,7 @@ def test_a_marker_naming_a_run_outside_the_group_is_refused_and_nothing_is_delet
     (victim / "keep.txt").write_text("mine")
     workdir = tmp_path / "a" / "b"
     workdir.mkdir(parents=True)
-    (workdir / group.GROUP_MARKER).write_text(json.dumps(
+    (workdir / layout.GROUP_MARKER).write_text(json.dumps(
         {"vit_flax": "group", "runs": {"../../victim": {}}}))
     with pytest.raises(vit_flax.ConfigError, match=r"names a run '\.\./\.\./victim', which is "
                        r"not a run name"):
@@ -303,7 +304,7 @@ def test_a_marker_naming_a_run_outside_the_group_is_refused_and_nothing_is_delet
 
 @pytest.mark.slow
 def test_a_group_marker_of_a_newer_format_is_refused(tmp_path):
-    (tmp_path / group.GROUP_MARKER).write_text(json.dumps(
+    (tmp_path / layout.GROUP_MARKER).write_text(json.dumps(
         {"vit_flax": "group", "format": group.GROUP_FORMAT + 1, "runs": {}}))
     with pytest.raises(vit_flax.ConfigError, match=rf"format {group.GROUP_FORMAT + 1}, written "
                        rf"by another vit_flax; this one reads formats 1-{group.GROUP_FORMAT}"):

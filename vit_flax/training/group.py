@@ -63,10 +63,9 @@ from vit_flax.training import optim, steps
 from vit_flax.training.optim import keras_adamw
 
 VARIED_FIELDS = ("seed", "learning_rate", "weight_decay")
-GROUP_MARKER, RUNS = layout.GROUP_MARKER, layout.GROUP_RUNS
 SUMMARY_FILE = "summary.json"
-GROUP_ENTRIES = (GROUP_MARKER, layout.LOCK, RUNS, layout.RUN_STATE, layout.MID_EPOCH_STATE,
-                 SUMMARY_FILE)
+GROUP_ENTRIES = (layout.GROUP_MARKER, layout.LOCK, layout.GROUP_RUNS, layout.RUN_STATE,
+                 layout.MID_EPOCH_STATE, SUMMARY_FILE)
 TEST_METRICS = ("test_accuracy", "test_top-5-accuracy")
 # The marker's format. 1: markers without the key, written before it existed (same layout,
 # they resume); a larger number is a newer vit_flax's layout, which this one refuses.
@@ -274,7 +273,7 @@ def claim_group(path: Path, members: list, overwrite: bool, allow_non_empty: boo
     whatever order the lists were given in now. Another group is an error unless
     `overwrite`, which deletes that group's own entries only; a non-empty directory that is
     not a group is an error unless `allow_non_empty`."""
-    marker = path / GROUP_MARKER
+    marker = path / layout.GROUP_MARKER
     if marker.is_file():
         saved = saved_runs(marker)
         if same_group(saved, members):
@@ -341,7 +340,7 @@ def delete_group(path: Path, saved: dict) -> None:
     """The saved group's runs (their own entries, by workdir.delete_run), its run state and
     summary; its marker last, so that an interrupted delete leaves a group. Only real
     directories under path/runs are touched (a symlink there is not followed)."""
-    runs = path / RUNS
+    runs = path / layout.GROUP_RUNS
     for name in saved:
         run = runs / name
         if run.is_dir() and not run.is_symlink() and layout.is_run(run):
@@ -350,4 +349,4 @@ def delete_group(path: Path, saved: dict) -> None:
         if (path / state).is_dir() and not (path / state).is_symlink():
             shutil.rmtree(path / state)
     (path / SUMMARY_FILE).unlink(missing_ok=True)
-    (path / GROUP_MARKER).unlink()
+    (path / layout.GROUP_MARKER).unlink()

@@ -423,7 +423,7 @@ def train_group(configs: list[ViTConfig], splits: data_lib.Splits,
     names = group.check_group(configs)
     options = with_fields(RunOptions, options, fields)
     workdir = layout.ensure_directory(workdir)
-    members = [Member(config, workdir / group.RUNS / name, name)
+    members = [Member(config, workdir / layout.GROUP_RUNS / name, name)
                for name, config in zip(names, configs, strict=True)]
     all_results, fit = _train_members(members, splits, workdir, options, log, devices,
                                       True, data)
@@ -604,8 +604,7 @@ def _same(key: str, saved, value) -> bool:
     """Whether a data.json entry is this run's: directories compared as the folders they
     name (a trailing slash, or relative against absolute, is the same folder)."""
     if key in ("data_dir", "init_from") and isinstance(saved, str) and isinstance(value, str):
-        return os.path.realpath(os.path.expanduser(saved)) == \
-            os.path.realpath(os.path.expanduser(value))
+        return os.path.realpath(_absolute(saved)) == os.path.realpath(_absolute(value))
     return saved == value
 
 
